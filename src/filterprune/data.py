@@ -1,0 +1,285 @@
+"""Datasets: Fashion-MNIST for the demo, and users' own folders of labelled images."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+_LAYOUTS = ("expected one folder per class (root/train/<class>/*.jpg or root/<class>/*.jpg) "
+            "or Kaggle-style flat files (root/train/cat.0.jpg or root/cat.0.jpg)")
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message says what to do."""
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path} ({e}): reinstall it with "
+                        "`apt-get install --reinstall dataset-fashion-mnist`") from e
+    header = 4 * (1 + ndim)
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise DataError(f"{path} is not an IDX file with magic number {magic}: "
+                        "pass the folder holding the original Fashion-MNIST .gz files")
+    shape = [int(n) for n in np.frombuffer(data, ">u4", count=ndim, offset=4)]
+    if len(data) - header != int(np.prod(shape)):
+        raise DataError(f"{path} holds {len(data) - header} bytes of data but its header "
+                        f"announces shape {shape}: the file is damaged, reinstall it")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def fashion_mnist(split: str, root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a Fashion-MNIST split as (uint8 images [N, 28, 28], int64 labels [N])."""
+    prefixes = {"train": "train", "test": "t10k"}
+    if split not in prefixes:
+        raise DataError(f"unknown Fashion-MNIST split {split!r}: use 'train' or 'test'")
+    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    image_file = root / f"{prefixes[split]}-images-idx3-ubyte.gz"
+    label_file = root / f"{prefixes[split]}-labels-idx1-ubyte.gz"
+    for path in (root, image_file, label_file):
+        if not path.exists():
+            raise DataError(f"Fashion-MNIST not found at {path}: install it with "
+                            "`apt-get install -y dataset-fashion-mnist` or pass root=")
+    images = _read_idx(image_file, 2051, 3)
+    labels = _read_idx(label_file, 2049, 1)
+    if len(images) != len(labels):
+        raise DataError(f"{image_file} has {len(images)} images but {label_file} has "
+                        f"{len(labels)} labels: reinstall the data set")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def balanced_indices(labels: torch.Tensor, classes: list[int], per_class: int | None,
+                     seed: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick `per_class` random indices of each class (all if None), never one in `exclude`; sorted."""
+    allowed = torch.ones(len(labels), dtype=torch.bool)
+    if exclude is not None:
+        allowed[exclude] = False
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in classes:
+        idx = torch.nonzero((labels == c) & allowed).flatten()
+        if len(idx) < (per_class or 1):
+            raise DataError(f"class {c} has {len(idx)} usable images but {per_class or 1} are "
+                            "needed: ask for fewer per class or exclude fewer")
+        if per_class is not None:
+            idx = idx[torch.randperm(len(idx), generator=generator)[:per_class]]
+        chosen.append(idx)
+    return torch.cat(chosen).sort().values
+
+
+class FashionSubset(Dataset):
+    """Fashion-MNIST images of chosen classes, relabelled 0..len(classes)-1, as 3-channel float images."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                 classes: list[int], size: int = 32, augment: bool = False):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        match = labels[indices][:, None] == torch.tensor(classes)
+        if not match.any(1).all():
+            raise DataError(f"some chosen images are not of classes {classes}: "
+                            "pick indices with balanced_indices(labels, classes, ...)")
+        self.targets = match.int().argmax(1)
+        # Resize once for all images so that an epoch only pays for the cheap random crop/flip.
+        self.images = v2.functional.resize(images[indices].unsqueeze(1), [size, size],
+                                           interpolation=v2.InterpolationMode.BILINEAR)
+        self.augment = v2.Compose([v2.RandomCrop(size, padding=size // 8),
+                                   v2.RandomHorizontalFlip()]) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i]
+        if self.augment is not None:
+            image = self.augment(image)
+        # [0, 255] -> [-1, 1], i.e. mean 0.5 and std 0.5; gray repeated for 3-channel models.
+        return image.float().div(127.5).sub(1).repeat(3, 1, 1), int(self.targets[i])
+
+
+# ---------------------------------------------------------------- image folders
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as 8-bit RGB, upright per its EXIF orientation.
+
+    Transparent images are composited on white (dropping alpha would reveal whatever colour
+    hides under transparent pixels, often black); 16-bit images are scaled down to 8 bits.
+    """
+    try:
+        with Image.open(path) as f:
+            image = ImageOps.exif_transpose(f)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise DataError(f"cannot read image {path} ({e}): remove or replace the file") from e
+    if image.mode.startswith("I"):  # "I;16*" and 32-bit "I" (how some 16-bit PNGs open)
+        scaled = np.asarray(image, dtype=np.float32) / 257  # 65535 -> 255
+        image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))
+    if image.has_transparency_data:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+            image.verify()
+        # verify() checks every PNG chunk but only the header of other formats, so decode those,
+        # except a JPEG ending in its end-of-image marker (truncated ones lack it): cheap for
+        # the common case, thorough for the rest.
+        if kind == "PNG" or (kind == "JPEG" and _tail(path) == b"\xff\xd9"):
+            return True
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # any decoding failure makes the file unusable
+        return False
+
+
+def _tail(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-2, os.SEEK_END)
+        return f.read()
+
+
+def _is_image(path: Path) -> bool:
+    # Hidden files (.DS_Store, macOS "._cat.jpg" forks) are never images.
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _scan(folder: Path) -> dict[str, list[Path]]:
+    """Class name -> image files, from class sub-folders or flat <class>.<id>.<ext> names."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if not entries:
+        raise DataError(f"{folder} is empty: {_LAYOUTS}")
+    subdirs = [p for p in entries if p.is_dir()]
+    if subdirs:
+        by_folder = {d.name: sorted(p for p in d.rglob("*") if _is_image(p)) for d in subdirs}
+        for name, files in by_folder.items():
+            if not files:
+                raise DataError(f"class folder {folder / name} has no images "
+                                f"({', '.join(sorted(IMAGE_EXTENSIONS))}): add some or remove it")
+        return by_folder
+    files = [p for p in entries if _is_image(p)]
+    if not files:
+        raise DataError(f"no image files in {folder}: {_LAYOUTS}")
+    classes: dict[str, list[Path]] = {}
+    for p in files:
+        if "." not in p.stem:
+            raise DataError(f"cannot tell the class of {p}: name flat files <class>.<id>"
+                            f"{p.suffix} (like cat.0.jpg) or put them in one folder per class")
+        classes.setdefault(p.name.split(".")[0], []).append(p)
+    return classes
+
+
+def _hold_out(name: str, files: list[Path], fraction: float, seed: int,
+              base: Path) -> tuple[list[Path], list[Path]]:
+    if len(files) < 2:
+        raise DataError(f"class {name!r} has only 1 usable image ({files[0]}): need 2 or more "
+                        "per class to hold some out for testing, or add a test folder")
+    # Rank by a seeded hash of the relative path: independent of directory listing order and of
+    # where the folder lives, and adding a file barely moves the others between train and test.
+    ranked = sorted(files, key=lambda p: hashlib.sha256(
+        f"{seed}/{p.relative_to(base).as_posix()}".encode()).digest())
+    n_test = min(max(round(fraction * len(files)), 1), len(files) - 1)
+    return sorted(ranked[n_test:]), sorted(ranked[:n_test])
+
+
+class ImageFiles(Dataset):
+    """Labelled image files (ImageFolder-like: `samples`, `targets`, `classes`), loaded RGB and transformed."""
+
+    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform: v2.Transform):
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(load_image(path)), label
+
+
+def image_folder_datasets(root: str | Path, size: int = 224, test_fraction: float = 0.2,
+                          seed: int = 0, augment: bool = True) -> tuple[Dataset, Dataset, list[str]]:
+    """Return (train, test, class names) from a folder of labelled images.
+
+    Layouts: one sub-folder per class (root/train/<class>/, with an optional root/test/<class>/
+    or root/val/<class>/; or root/<class>/), or Kaggle Dogs-vs-Cats flat files named
+    <class>.<id>.<ext> (root/train/cat.0.jpg, or root/cat.0.jpg). Without a test or val folder,
+    `test_fraction` of each class is held out, chosen by `seed`. Unreadable files are skipped
+    with one warning. Images come out as normalised float tensors [3, size, size].
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found: pass the folder that holds your images")
+    if (root / "train").is_dir():
+        train_dir = root / "train"
+        test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    else:  # then a "test" or "val" folder is just a class name
+        train_dir, test_dir = root, None
+    if test_dir is None and not 0 < test_fraction < 1:
+        raise DataError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+    train = _scan(train_dir)
+    test = _scan(test_dir) if test_dir is not None else {}
+
+    bad = [p for files in [*train.values(), *test.values()] for p in files if not _readable(p)]
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): "
+                      f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}", stacklevel=2)
+    skipped = set(bad)
+    for where, found in ((train_dir, train), (test_dir, test)):
+        for name, files in found.items():
+            found[name] = [p for p in files if p not in skipped]
+            if not found[name]:
+                raise DataError(f"class {name!r} in {where} has no readable images: "
+                                "replace the broken files or remove the class")
+
+    classes = sorted(train)
+    if len(classes) < 2:
+        raise DataError(f"found only class {classes} in {train_dir}: need at least 2 classes; {_LAYOUTS}")
+    if missing := sorted(set(test) - set(train)):
+        raise DataError(f"test classes {missing} in {test_dir} have no training images in "
+                        f"{train_dir}: add them to training or remove them from the test folder")
+    if test_dir is None:
+        for name in classes:
+            train[name], test[name] = _hold_out(name, train[name], test_fraction, seed, train_dir)
+
+    eval_transform = [v2.ToImage(), v2.Resize(int(size * 8 / 7)), v2.CenterCrop(size)]
+    train_transform = [v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.5, 1.0)),
+                       v2.RandomHorizontalFlip()] if augment else eval_transform
+    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+    def dataset(found: dict[str, list[Path]], steps: list[v2.Transform]) -> ImageFiles:
+        samples = [(p, label) for label, name in enumerate(classes) for p in found.get(name, [])]
+        return ImageFiles(samples, classes, v2.Compose(steps + finish))
+
+    return dataset(train, train_transform), dataset(test, eval_transform), classes
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
+                num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """DataLoader whose shuffling (and workers' random augmentation seeds) follow `seed`."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,122 @@
+"""Physically remove channels: slice weights, biases, norm statistics and update layer attributes.
+
+Every slot of the channel graph (see graph.py) is cut in one pass with the indices it keeps. How to
+cut a layer is looked up in one small table keyed by (layer type, slot role), so adding a layer type
+is one function and one table row, not a branch copied into every code path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .graph import ChannelGraph
+
+
+def _sliced(tensor: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
+    out = tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(out, requires_grad=tensor.requires_grad)
+    return out
+
+
+def _slice_attrs(module: nn.Module, names: tuple[str, ...], dim: int, keep: torch.Tensor) -> None:
+    for name in names:
+        tensor = getattr(module, name, None)
+        if tensor is not None:
+            setattr(module, name, _sliced(tensor, dim, keep))
+
+
+def _conv_out(conv: nn.modules.conv._ConvNd, keep: torch.Tensor) -> None:
+    _slice_attrs(conv, ("weight", "bias"), 0, keep)
+    conv.out_channels = len(keep)
+
+
+def _conv_in(conv: nn.modules.conv._ConvNd, keep: torch.Tensor) -> None:
+    _slice_attrs(conv, ("weight",), 1, keep)
+    conv.in_channels = len(keep)
+
+
+def _grouped(conv: nn.modules.conv._ConvNd, keep: torch.Tensor) -> None:
+    # Whole groups go (graph.py unites each group's channels), so channels per group stay the same.
+    _slice_attrs(conv, ("weight", "bias"), 0, keep)
+    conv.in_channels = conv.out_channels = len(keep)
+    conv.groups = len(keep) // conv.weight.shape[1]
+
+
+def _linear_out(linear: nn.Linear, keep: torch.Tensor) -> None:
+    _slice_attrs(linear, ("weight", "bias"), 0, keep)
+    linear.out_features = len(keep)
+
+
+def _linear_in(linear: nn.Linear, keep: torch.Tensor) -> None:
+    _slice_attrs(linear, ("weight",), 1, keep)
+    linear.in_features = len(keep)
+
+
+def _norm(norm: nn.Module, keep: torch.Tensor) -> None:
+    _slice_attrs(norm, ("weight", "bias", "running_mean", "running_var"), 0, keep)
+    norm.num_features = len(keep)
+
+
+def _group_norm(norm: nn.GroupNorm, keep: torch.Tensor) -> None:
+    _slice_attrs(norm, ("weight", "bias"), 0, keep)
+    norm.num_channels = norm.num_groups = len(keep)  # only per-channel GroupNorms get here
+
+
+def _prelu(prelu: nn.PReLU, keep: torch.Tensor) -> None:
+    _slice_attrs(prelu, ("weight",), 0, keep)
+    prelu.num_parameters = len(keep)
+
+
+_CUTTERS: list[tuple[type, str, Callable[[nn.Module, torch.Tensor], None]]] = [
+    (nn.modules.conv._ConvNd, "out", _conv_out),
+    (nn.modules.conv._ConvNd, "in", _conv_in),
+    (nn.modules.conv._ConvNd, "channel", _grouped),
+    (nn.Linear, "out", _linear_out),
+    (nn.Linear, "in", _linear_in),
+    (nn.modules.batchnorm._BatchNorm, "channel", _norm),
+    (nn.modules.instancenorm._InstanceNorm, "channel", _norm),
+    (nn.GroupNorm, "channel", _group_norm),
+    (nn.PReLU, "channel", _prelu),
+]
+
+
+def _cutter(module: nn.Module, role: str) -> Callable[[nn.Module, torch.Tensor], None]:
+    for kind, kind_role, cut in _CUTTERS:
+        if isinstance(module, kind) and role == kind_role:
+            return cut
+    raise TypeError(f"no rule to cut the {role} axis of {type(module).__name__}")
+
+
+def _cut_param(model: nn.Module, slot_name: str, keep: torch.Tensor) -> None:
+    path, dim = slot_name.rsplit("@", 1)
+    owner_name, _, attr = path.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    setattr(owner, attr, _sliced(getattr(owner, attr), int(dim), keep))
+
+
+def remove_units(model: nn.Module, graph: ChannelGraph, remove: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cut every slot that holds a unit marked in `remove` (a bool mask over the graph's units).
+
+    Returns {slot name: kept indices} for the output-side slots ("out", "channel", "param"), which
+    callers use to keep track of original channel indices.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    for slot in graph.slots:
+        owned = slot.owner >= 0
+        dropped = torch.zeros_like(owned)
+        dropped[owned] = remove[slot.owner[owned]]
+        if not dropped.any():
+            continue
+        keep = torch.nonzero(~dropped).flatten()
+        if slot.role == "param":
+            _cut_param(model, slot.module, keep)
+        else:
+            module = model.get_submodule(slot.module)
+            _cutter(module, slot.role)(module, keep)
+        if slot.role != "in":
+            kept[slot.module] = keep
+    return kept

@@ -1,0 +1,168 @@
+"""Model builders: a width-scaled VGG16 for small images, torchvision models, and new heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import VGG
+from torchvision.models.vgg import cfgs, make_layers
+
+from filterprune.io import load_state_dict_file
+
+
+class ModelError(RuntimeError):
+    """A model could not be built or its weights could not be loaded; the message says what to do."""
+
+
+def three_linear_head(in_features: int, num_classes: int, hidden: int = 4096, dropout: float = 0.5) -> nn.Sequential:
+    """The classifier of the pruning blog post: three Linear layers like torchvision's VGG classifier."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.ReLU(True),
+        nn.Dropout(p=dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(True),
+        nn.Dropout(p=dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def vgg16_layout(
+    num_classes: int = 10,
+    width: float = 0.5,
+    batch_norm: bool = True,
+    hidden: int | None = None,
+    dropout: float = 0.5,
+) -> nn.Module:
+    """torchvision's VGG16 (config "D") with every layer width multiplied by `width`."""
+    cfg = [v if v == "M" else max(8, round(v * width)) for v in cfgs["D"]]
+    features = make_layers(cfg, batch_norm=batch_norm)
+    hidden = hidden if hidden is not None else int(4096 * width)
+    # VGG hard-codes a 512*7*7 -> 4096 classifier that we replace at once; building it on
+    # the meta device avoids allocating and initialising ~120M parameters for nothing.
+    with torch.device("meta"):
+        model = VGG(features, num_classes=num_classes, init_weights=True, dropout=dropout)
+    model.classifier = three_linear_head(cfg[-2] * 7 * 7, num_classes, hidden, dropout)
+    for m in model.classifier.modules():
+        if isinstance(m, nn.Linear):  # same init as VGG(init_weights=True)
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.constant_(m.bias, 0)
+    spec = {"num_classes": num_classes, "width": width, "batch_norm": batch_norm, "hidden": hidden, "dropout": dropout}
+    model.filterprune_arch = {"builder": "filterprune.models:vgg16_layout", "kwargs": spec}
+    return model
+
+
+def build(
+    arch: str,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    head: str = "auto",
+    hidden: int | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build `arch` (vgg16_layout or a torchvision classifier), optionally with weights and a new head."""
+    if head not in ("auto", "three-linear", "replace"):
+        raise ModelError(f"unknown head {head!r}; use 'auto', 'three-linear' or 'replace'")
+    model = _base_model(arch, pretrained, num_classes, hidden, kwargs)
+    if weights is not None:
+        state = load_state_dict_file(weights)
+        # The file may hold the architecture's default head or an already replaced one.
+        if _mismatches(model, state):
+            _set_head(model, arch, num_classes, head, hidden)
+        _load_checked(model, state, weights, arch)
+    _set_head(model, arch, num_classes, head, hidden)
+    spec = {"arch": arch, "num_classes": num_classes, "head": head, "hidden": hidden, **kwargs}
+    model.filterprune_arch = {"builder": "filterprune.models:build", "kwargs": spec}
+    return model
+
+
+def _base_model(arch: str, pretrained: bool, num_classes: int | None, hidden: int | None, kwargs: dict) -> nn.Module:
+    if arch == "vgg16_layout":
+        if pretrained:
+            raise ModelError("vgg16_layout has no pretrained weights; train it, or pass weights=FILE")
+        return vgg16_layout(num_classes=num_classes or 10, hidden=hidden, **kwargs)
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelError(
+            f"unknown architecture {arch!r}: use 'vgg16_layout' or a name from "
+            "`python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'`"
+        )
+    if not pretrained:
+        return torchvision.models.get_model(arch, **kwargs)
+    default = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        return torchvision.models.get_model(arch, weights=default, **kwargs)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; bad hashes/partial files are RuntimeErrors
+        raise ModelError(
+            f"could not download the pretrained weights {default} for {arch} ({e}); on a machine without "
+            "internet pass --weights FILE (a .safetensors or state-dict .pth of the same architecture)"
+        ) from e
+
+
+def _final_layer(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute name, layer) of the layer that produces the class scores."""
+    for path in ("fc", "classifier", "heads.head", "head"):
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = getattr(parent, name, None)
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            return parent, name, layer
+        if isinstance(layer, nn.Sequential):
+            # Last Linear, or SqueezeNet's 1x1 Conv2d followed by ReLU and pooling.
+            for i in reversed(range(len(layer))):
+                if isinstance(layer[i], (nn.Linear, nn.Conv2d)):
+                    return layer, str(i), layer[i]
+    raise ModelError(f"cannot find the classification layer of {type(model).__name__} to replace")
+
+
+def _num_outputs(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _set_head(model: nn.Module, arch: str, num_classes: int | None, head: str, hidden: int | None) -> None:
+    """Give `model` a head with `num_classes` outputs; no-op when it already has that many."""
+    parent, name, layer = _final_layer(model)
+    if num_classes is None or _num_outputs(layer) == num_classes:
+        return
+    if head == "auto":
+        head = "three-linear" if arch.startswith("vgg") else "replace"
+    if head == "three-linear":
+        old = getattr(model, "classifier", None)
+        linears = [m for m in old.modules() if isinstance(m, nn.Linear)] if isinstance(old, nn.Module) else []
+        if not linears:
+            raise ModelError(f"head='three-linear' needs a VGG-style `.classifier` with Linear layers; {arch} has none")
+        dropout = next((m.p for m in old.modules() if isinstance(m, nn.Dropout)), 0.5)
+        width = hidden if hidden is not None else linears[0].out_features
+        model.classifier = three_linear_head(linears[0].in_features, num_classes, width, dropout)
+    elif isinstance(layer, nn.Linear):
+        setattr(parent, name, nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None))
+    else:
+        new = nn.Conv2d(layer.in_channels, num_classes, layer.kernel_size, layer.stride, layer.padding)
+        setattr(parent, name, new)
+
+
+def _mismatches(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between the model's state dict and `state`."""
+    own = model.state_dict()
+    problems = [f"{k}: missing from file" for k in own if k not in state]
+    problems += [f"{k}: not in model" for k in state if k not in own]
+    problems += [
+        f"{k}: file {list(state[k].shape)} vs model {list(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    return problems
+
+
+def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, arch: str) -> None:
+    problems = _mismatches(model, state)
+    if problems:
+        raise ModelError(
+            f"{path} does not fit {arch} ({len(problems)} mismatching keys, e.g. {'; '.join(problems[:4])}). "
+            "Pass the architecture the weights were trained with (and its num_classes), or, for a pruned model, "
+            "load the file written by filterprune.io.save with filterprune.io.load instead."
+        )
+    model.load_state_dict(state)

@@ -1,0 +1,180 @@
+import pathlib
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from filterprune import io
+from filterprune.models import build, vgg16_layout
+
+
+def shrink_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, nxt: nn.Module, keep: int) -> None:
+    """Remove all but the first `keep` filters of `conv`, like a pruning step would."""
+    conv.weight = nn.Parameter(conv.weight.detach()[:keep].clone())
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.detach()[:keep].clone())
+    conv.out_channels = keep
+    for name in ("weight", "bias"):
+        setattr(bn, name, nn.Parameter(getattr(bn, name).detach()[:keep].clone()))
+    bn.running_mean, bn.running_var = bn.running_mean[:keep].clone(), bn.running_var[:keep].clone()
+    bn.num_features = keep
+    if isinstance(nxt, nn.Conv2d):
+        nxt.weight = nn.Parameter(nxt.weight.detach()[:, :keep].clone())
+        nxt.in_channels = keep
+    else:  # the Linear after VGG's 7x7 average pool sees 49 inputs per channel
+        w = nxt.weight.detach().reshape(nxt.out_features, -1, 49)[:, :keep]
+        nxt.weight = nn.Parameter(w.reshape(nxt.out_features, keep * 49).clone())
+        nxt.in_features = keep * 49
+
+
+def randomise_bn(model: nn.Module) -> None:
+    """Non-trivial running statistics, so a lost buffer changes the outputs."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+def assert_round_trip(model: nn.Module, path: pathlib.Path, x: torch.Tensor) -> nn.Module:
+    model.eval()
+    io.save(model, path, metadata={"note": "pruned"})
+    loaded = io.load(path)
+    assert not loaded.training
+    assert loaded.filterprune_metadata == {"note": "pruned"}
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    return loaded
+
+
+def test_round_trip_hand_pruned_resnet18(tmp_path):
+    model = build("resnet18", num_classes=10)
+    randomise_bn(model)
+    block = model.layer1[0]
+    shrink_conv(block.conv1, block.bn1, block.conv2, keep=40)
+    model.fc = nn.Linear(512, 5)
+    loaded = assert_round_trip(model, tmp_path / "r18.safetensors", torch.randn(2, 3, 64, 64))
+    assert loaded.layer1[0].conv1.out_channels == 40 and loaded.layer1[0].conv2.in_channels == 40
+    assert loaded.layer1[0].bn1.num_features == 40 and loaded.fc.out_features == 5
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in loaded.parameters())
+    # A loaded model keeps its recipe, so it can be pruned further and saved again.
+    io.save(loaded, tmp_path / "again.safetensors")
+    assert io.load(tmp_path / "again.safetensors").layer1[0].conv1.out_channels == 40
+
+
+def test_round_trip_hand_pruned_vgg16_layout(tmp_path):
+    model = vgg16_layout(num_classes=4, width=0.125, hidden=32)
+    randomise_bn(model)
+    f = model.features  # conv, bn, relu triples and pools
+    shrink_conv(f[0], f[1], f[3], keep=5)
+    shrink_conv(f[40], f[41], model.classifier[0], keep=50)  # the last conv feeds the classifier
+    loaded = assert_round_trip(model, tmp_path / "vgg.safetensors", torch.randn(2, 3, 32, 32))
+    assert loaded.features[0].out_channels == 5 and loaded.classifier[0].in_features == 50 * 49
+
+
+def test_untrusted_builder_is_refused(tmp_path):
+    path = tmp_path / "evil.safetensors"
+    marker = tmp_path / "marker"
+    io.save(nn.Linear(2, 2), path, arch={"builder": "os:system", "kwargs": {"command": f"touch {marker}"}})
+    with pytest.raises(ValueError, match="trusted_builders"):
+        io.load(path)
+    assert not marker.exists()
+
+
+def test_extra_trusted_builder(tmp_path):
+    path = tmp_path / "linear.safetensors"
+    layer = nn.Linear(4, 3)
+    io.save(layer, path, arch={"builder": "torch.nn:Linear", "kwargs": {"in_features": 4, "out_features": 6}})
+    with pytest.raises(ValueError, match="torch.nn"):
+        io.load(path)
+    loaded = io.load(path, trusted_builders=("torch.nn",))
+    assert loaded.out_features == 3 and torch.equal(loaded.weight, layer.weight)
+
+
+def test_save_without_arch_says_how(tmp_path):
+    with pytest.raises(ValueError, match=r'arch=\{"builder"'):
+        io.save(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    io.save(vgg16_layout(width=0.125, hidden=8), path)
+    before = path.read_bytes()
+
+    def crash(self, data):
+        open(self, "wb").write(data[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save(vgg16_layout(width=0.25, hidden=8), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+class Marker:
+    """Unpickling this creates a file: the stand-in for malicious code in a .pth file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_pickle_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(2), "payload": Marker(marker)}, path)
+    with pytest.raises(ValueError, match="could run code"):
+        io.load_state_dict_file(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # our own file: shows the marker does fire when unpickled
+    assert marker.exists()
+
+
+def test_whole_module_pickle_is_refused(tmp_path):
+    path = tmp_path / "module.pth"
+    torch.save(nn.Linear(2, 2), path)
+    with pytest.raises(ValueError, match=r"state_dict\(\)"):
+        io.load_state_dict_file(path)
+
+
+def test_state_dict_file_formats(tmp_path):
+    state = nn.Linear(3, 2).state_dict()
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "ckpt.pth")
+    safetensors.torch.save_file(state, tmp_path / "w.safetensors")
+    for name in ("ckpt.pth", "w.safetensors"):
+        loaded = io.load_state_dict_file(tmp_path / name)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    io.save(vgg16_layout(width=0.125, hidden=8), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        io.load(path)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        io.load_state_dict_file(path)
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    randomise_bn(model)
+    model.train()
+    path = io.export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert model.training  # mode restored
+    model.eval()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # dynamic batch
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 16, 16)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)

@@ -265,16 +265,25 @@ def image_folder_datasets(root: str | Path, size: int = 224, test_fraction: floa
         for name in classes:
             train[name], test[name] = _hold_out(name, train[name], test_fraction, seed, train_dir)
 
-    eval_transform = [v2.ToImage(), v2.Resize(int(size * 8 / 7)), v2.CenterCrop(size)]
-    train_transform = [v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.5, 1.0)),
-                       v2.RandomHorizontalFlip()] if augment else eval_transform
-    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-    def dataset(found: dict[str, list[Path]], steps: list[v2.Transform]) -> ImageFiles:
+    def dataset(found: dict[str, list[Path]], transform: v2.Transform) -> ImageFiles:
         samples = [(p, label) for label, name in enumerate(classes) for p in found.get(name, [])]
-        return ImageFiles(samples, classes, v2.Compose(steps + finish))
+        return ImageFiles(samples, classes, transform)
 
-    return dataset(train, train_transform), dataset(test, eval_transform), classes
+    train_steps = train_transform(size) if augment else eval_transform(size)
+    return dataset(train, train_steps), dataset(test, eval_transform(size)), classes
+
+
+_FINISH = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def eval_transform(size: int) -> v2.Transform:
+    """PIL image -> normalised tensor: resize the short side to size*8/7, centre crop `size`."""
+    return v2.Compose([v2.ToImage(), v2.Resize(int(size * 8 / 7)), v2.CenterCrop(size), *_FINISH])
+
+
+def train_transform(size: int) -> v2.Transform:
+    """Augmented: a random crop of 50-100% of the image resized to `size`, random flips."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.5, 1.0)), v2.RandomHorizontalFlip(), *_FINISH])
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,

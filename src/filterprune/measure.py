@@ -6,10 +6,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import logging
+
 import safetensors.torch
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
+
+# torch.utils.benchmark imports cpp_extension, which warns on every import of a CUDA build of
+# torch on a machine without CUDA; that says nothing about our measurements.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils.benchmark import Timer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
 from filterprune.io import state_tensors

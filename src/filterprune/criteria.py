@@ -56,7 +56,8 @@ def _per_unit(slot: Slot, values: torch.Tensor, num_units: int) -> tuple[torch.T
     """Sum a slot's per-index values into its units; also say which units the slot holds."""
     owned = slot.owner >= 0
     sums = torch.zeros(num_units, dtype=torch.float64)
-    sums.index_add_(0, slot.owner[owned], values.double()[owned])
+    # Bookkeeping is on the CPU (slot.owner lives there); values may come from a GPU model.
+    sums.index_add_(0, slot.owner[owned], values.detach().to("cpu", torch.float64)[owned])
     present = torch.zeros(num_units, dtype=torch.bool)
     present[slot.owner[owned]] = True
     return sums, present
@@ -173,6 +174,9 @@ def accumulate(
     for i in range(len(weight_slots)):
         sums[f"tw{i}"] = torch.zeros(units, dtype=torch.float64)
     examples = torch.zeros(1, dtype=torch.float64)
+    if device is None:  # batches go where the model is (was: always the CPU, which fails for a GPU model)
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else "cpu"
     was_training = model.training
     model.eval()  # running statistics and dropout must not change while we only measure
     consumed = _Consumed(model, graph, gates=need_gates)
@@ -181,7 +185,7 @@ def accumulate(
         for index, (inputs, targets) in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
-            inputs, targets = inputs.to(device or "cpu"), targets.to(device or "cpu")
+            inputs, targets = inputs.to(device), targets.to(device)
             batch = inputs.shape[0]
             consumed.clear()
             with torch.set_grad_enabled(need_gates or bool(weight_slots)):
@@ -194,14 +198,15 @@ def accumulate(
                     continue
                 owned = slot.owner >= 0
                 # grad of the gate = sum over the map of activation * gradient; / per_map -> the mean.
-                values = grad.detach().reshape(batch, -1).double()[:, owned] * (slot.spread[owned] / per_map)
+                # .cpu(): the accumulators and slot tensors are on the CPU, the model may be on a GPU.
+                values = grad.detach().reshape(batch, -1).double().cpu()[:, owned] * (slot.spread[owned] / per_map)
                 per_example.index_add_(1, slot.owner[owned], values)
             sums["taylor"] += per_example.abs().sum(0)
             for slot, mean, square, zeros in consumed.stats:
                 owned = slot.owner >= 0
                 weight = slot.spread[owned]
                 for key, value in (("mean", mean), ("square", square), ("zeros", zeros)):
-                    sums[key].index_add_(0, slot.owner[owned], (value.reshape(batch, -1).double()[:, owned] * weight).sum(0))
+                    sums[key].index_add_(0, slot.owner[owned], (value.reshape(batch, -1).double().cpu()[:, owned] * weight).sum(0))
                 sums["count"].index_add_(0, slot.owner[owned], weight * batch)
             offset = len(consumed.taps)
             for i, (slot, params) in enumerate(zip(weight_slots, weight_params)):

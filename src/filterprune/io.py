@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -82,7 +83,15 @@ def load(path: str | Path, trusted_builders: tuple[str, ...] = DEFAULT_TRUSTED) 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(path)
+        raise FileNotFoundError(errno.ENOENT, "no such model file: pass a .safetensors file written by filterprune", str(path))
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):  # torch.save's zip, or a pickle
+        raise ValueError(
+            f"refused to load {path}: it is a pickle (torch.save) file, and unpickling can run code. If you trust it, "
+            "convert it in a trusted environment: build the model, load_state_dict(torch.load(f, weights_only=False)) "
+            "and filterprune.save(model, 'model.safetensors'); a plain state dict can be given as --weights with --arch"
+        )
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             spec = json.loads((f.metadata() or {})["filterprune"])
@@ -154,7 +163,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except SafetensorError as e:
             raise ValueError(f"{path}: damaged or not a safetensors file: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # noise about old pickle protocols: the file is refused or fine anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"refused to load {path}: it contains pickled objects other than tensors, and loading it could run "

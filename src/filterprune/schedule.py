@@ -68,7 +68,7 @@ class CheckpointError(RuntimeError):
 
 def _measure(model: nn.Module, example: torch.Tensor, evaluation: dict, batch: int, device: str) -> dict:
     prof = profile(model, example, batch_sizes=(batch,), device=device, min_run_time=0.3).as_dict()
-    return {**evaluation, **{k: prof[k] for k in ("params", "size_mb", "macs", f"latency_ms_b{batch}")}}
+    return {**evaluation, **{k: prof[k] for k in ("params", "size_mb", "macs", f"latency_ms_b{batch}", "device", "dtype", "threads")}}
 
 
 def _on_main(fn: Callable):
@@ -146,7 +146,8 @@ def load_checkpoint(folder: Path) -> tuple[nn.Module, dict, int]:
         state = json.loads(state_file.read_text())
         model_file = folder / state["model"]
         if _sha256(model_file) != state["sha256"]:
-            raise CheckpointError(f"checkpoint {model_file} does not match its recorded checksum: it is damaged")
+            raise CheckpointError(f"checkpoint {model_file} does not match its recorded checksum: it is damaged; "
+                                  f"delete it to start over (without --resume)")
         return io.load(model_file), state["log"], state["iteration"]
     except (ValueError, KeyError, TypeError, OSError) as err:
         raise CheckpointError(f"checkpoint in {folder} is damaged ({err}); delete it to start over") from err
@@ -266,7 +267,7 @@ def check_reachable(model: nn.Module, example_inputs, schedule: Schedule, ignore
     Returns the best reachable {"macs": factor, "size": factor} (empty when no such target is set).
     """
     trial = copy.deepcopy(model)
-    pruner = Pruner(trial, example_inputs, criterion="l1", ignore=[trial.get_submodule(n) for n in ignore],
+    pruner = Pruner(trial, example_inputs, criterion="l1", ignore=_modules(trial, ignore),
                     min_channels=schedule.min_channels, round_to=schedule.round_to, verify=False)
     if schedule.target_macs is None and schedule.target_size is None:
         return {}
@@ -285,8 +286,18 @@ def check_reachable(model: nn.Module, example_inputs, schedule: Schedule, ignore
     return best
 
 
+def _modules(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            known = [n for n, m in modules.items() if n and not list(m.children())]
+            raise ValueError(f"ignore: no module named {name!r} in {type(model).__name__}; its layers are named like "
+                             f"{', '.join(known[:4])}, ..., {', '.join(known[-2:])}")
+    return [modules[name] for name in names]
+
+
 def _pruner(model: nn.Module, example_inputs, schedule: Schedule, ignore: Iterable[str]) -> Pruner:
-    return Pruner(model, example_inputs, criterion=schedule.criterion, ignore=[model.get_submodule(n) for n in ignore],
+    return Pruner(model, example_inputs, criterion=schedule.criterion, ignore=_modules(model, ignore),
                   min_channels=schedule.min_channels, round_to=schedule.round_to, flops_lambda=schedule.flops_lambda,
                   seed=schedule.seed)
 

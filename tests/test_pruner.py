@@ -1,0 +1,239 @@
+"""The pruning policy: which units go, under which limits, and what happens when removal goes wrong."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import filterprune as fp
+import filterprune.pruner as pruner_module
+from filterprune.surgery import remove_units as real_remove_units
+
+
+class Chain(nn.Module):
+    """a -> ReLU -> b -> BN -> ReLU -> c -> global average -> fc; groups a, b, c of the given widths."""
+
+    def __init__(self, widths=(8, 16, 32)):
+        super().__init__()
+        wa, wb, wc = widths
+        self.a, self.b, self.c = nn.Conv2d(3, wa, 3, padding=1), nn.Conv2d(wa, wb, 3, padding=1), nn.Conv2d(wb, wc, 1)
+        self.bn = nn.BatchNorm2d(wb)
+        self.fc = nn.Linear(wc, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.b(torch.relu(self.a(x)))))
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+def set_l1(conv: nn.Conv2d, values) -> None:
+    """Give filter k an L1 norm of values[k] (all its weights equal), so l1 ranks are known."""
+    with torch.no_grad():
+        per_weight = torch.tensor(values, dtype=torch.float32) / conv.weight[0].numel()
+        conv.weight.copy_(per_weight.view(-1, 1, 1, 1).expand_as(conv.weight))
+
+
+def spread(n, seed):
+    """n distinct l1 values in a shuffled order, so that removed indices are not just a prefix."""
+    return (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) + 1.0).tolist()
+
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def make(widths=(8, 16, 32), **kwargs):
+    torch.manual_seed(0)
+    model = Chain(widths).eval()
+    for i, conv in enumerate((model.a, model.b, model.c)):
+        set_l1(conv, spread(conv.out_channels, seed=i))
+    return model, fp.Pruner(model, X[:1], criterion="l1", **kwargs)
+
+
+def sizes(pruner):
+    return {g.name: g.size for g in pruner.groups}
+
+
+# ---- original indices -------------------------------------------------------------------------------
+
+
+def test_removed_indices_refer_to_the_unpruned_layer_across_prunes():
+    model = Chain((8, 4, 4))
+    set_l1(model.a, [5.0, 1.0, 7.0, 3.0, 8.0, 2.0, 6.0, 4.0])
+    original = model.a.weight.detach().clone()
+    pruner = fp.Pruner(model, X[:1], criterion="l1", ignore=[model.b, model.c])
+    assert sizes(pruner) == {"a": 8}
+    first, second = pruner.prune(2), pruner.prune(2)
+    assert first.removed == {"a": [1, 5]}
+    # After the first prune, filters 3 and 7 sit at positions 2 and 5; the result must say 3 and 7.
+    assert second.removed == {"a": [3, 7]}
+    kept = [i for i in range(8) if i not in (1, 5, 3, 7)]
+    assert torch.equal(model.a.weight, original[kept])
+
+
+# ---- limits --------------------------------------------------------------------------------------------
+
+
+def test_min_channels_int():
+    model, pruner = make(min_channels=3)
+    result = pruner.prune(10_000)
+    assert sizes(pruner) == {"a": 3, "b": 3, "c": 3}
+    assert result.count == (8 - 3) + (16 - 3) + (32 - 3)
+    assert model(X).shape == (2, 5)
+
+
+def test_min_channels_by_group_name():
+    model, pruner = make(min_channels={"b": 10, "c": 20})
+    pruner.prune(10_000)
+    assert sizes(pruner) == {"a": 1, "b": 10, "c": 20}
+    assert (model.b.out_channels, model.bn.num_features, model.c.in_channels) == (10, 10, 10)
+
+
+def test_never_the_last_channel():
+    model, pruner = make(min_channels=0)
+    pruner.prune(10_000)
+    assert sizes(pruner) == {"a": 1, "b": 1, "c": 1}
+    assert pruner.prunable() == 0 and pruner.prune(5).count == 0
+    assert model(X).shape == (2, 5)
+
+
+@pytest.mark.parametrize("n", [1, 5, 13, 30, 60])
+def test_round_to_keeps_multiples_of_8_or_leaves_the_group_alone(n):
+    before = {"a": 8, "b": 20, "c": 36}
+    model, pruner = make(widths=tuple(before.values()), round_to=8)
+    norms = {name: getattr(model, name).weight.detach().abs().sum((1, 2, 3)) for name in before}
+    result = pruner.prune(n)
+    assert result.count <= n
+    for name, size in sizes(pruner).items():
+        assert size % 8 == 0 or size == before[name], (name, size)
+        # Rounding gives some units back: they must be the best of those selected, not the worst.
+        gone = torch.zeros(before[name], dtype=torch.bool)
+        gone[result.removed.get(name, [])] = True
+        if gone.any():
+            assert norms[name][gone].max() < norms[name][~gone].min(), name
+    assert model(X).shape == (2, 5)
+    if n >= 30:
+        assert result.count > 0, "rounding must not stop a large prune altogether"
+
+
+def test_scope_layer_removes_the_same_share_of_every_group():
+    model, pruner = make(scope="layer")
+    # Make c's filters the most important by far, so that global ranking would spare c.
+    set_l1(model.c, [100.0 + v for v in spread(32, seed=9)])
+    result = pruner.prune(28)  # half of the 56 channels
+    assert result.removed_per_group == {"a": 4, "b": 8, "c": 16}
+    assert sizes(pruner) == {"a": 4, "b": 8, "c": 16}
+
+
+def test_global_ranking_takes_the_lowest_normalised_scores_across_groups():
+    # a's raw norms are the smallest, but after per-group L2 normalisation b's first ones are lower.
+    def model_and_pruner(normalize):
+        model = Chain((4, 4, 4)).eval()
+        set_l1(model.a, [1.0, 2.0, 3.0, 4.0])
+        set_l1(model.b, [10.0, 20.0, 30.0, 1000.0])
+        set_l1(model.c, [500.0, 500.0, 500.0, 500.0])  # normalised 0.5 each
+        return fp.Pruner(model, X[:1], criterion="l1", normalize=normalize)
+
+    assert model_and_pruner(True).prune(2).removed == {"b": [0, 1], "bn": [0, 1]}
+    assert model_and_pruner(False).prune(2).removed == {"a": [0, 1]}
+    # Normalised: a = [.18 .37 .55 .73], b = [.01 .02 .03 1.0], c = [.5 .5 .5 .5]: the lowest six
+    # are b's three, a's two and one of c (.5 < .55).
+    assert model_and_pruner(True).prune(6).removed_per_group == {"a": 2, "b": 3, "c": 1}
+
+
+def test_ignored_module_keeps_its_outputs():
+    model = Chain()
+    pruner = fp.Pruner(model, X[:1], criterion="l1", ignore=[model.b])
+    assert "b" not in sizes(pruner)
+    pruner.prune(10_000)
+    assert (model.b.out_channels, model.bn.num_features, model.c.in_channels) == (16, 16, 16)
+    assert model.a.out_channels == 1 and model.b.in_channels == 1, "its inputs may still be pruned"
+
+
+# ---- verification -----------------------------------------------------------------------------------------
+
+
+def corrupt_after_cut(model, graph, remove):
+    """A surgery bug that keeps shapes consistent: the right cut, then a wrong weight."""
+    kept = real_remove_units(model, graph, remove)
+    model.c.weight = nn.Parameter(model.c.weight.detach() * 1.5)  # swapped, as surgery does
+    return kept
+
+
+def cut_consumer_wrongly(model, graph, remove):
+    """A surgery bug that breaks shapes: the consumer loses one input column too many."""
+    kept = real_remove_units(model, graph, remove)
+    model.c.weight = nn.Parameter(model.c.weight.detach()[:, 1:])
+    return kept
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad_surgery, message", [(corrupt_after_cut, "differs"), (cut_consumer_wrongly, "no longer runs")])
+def test_verification_undoes_a_wrong_removal(monkeypatch, bad_surgery, message):
+    model, pruner = make()
+    before, output = snapshot(model), model(X).detach()
+    attrs = {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    groups = sizes(pruner)
+    monkeypatch.setattr(pruner_module, "remove_units", bad_surgery)
+    with pytest.raises(fp.GraphError, match=message):
+        pruner.prune(10)
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)} == attrs
+    assert model.bn.num_features == 16 and sizes(pruner) == groups
+    assert torch.equal(model(X), output)
+    # With the real surgery back, the same pruner goes on as if nothing had happened.
+    monkeypatch.setattr(pruner_module, "remove_units", real_remove_units)
+    assert pruner.prune(10).count == 10
+
+
+def test_without_verification_the_wrong_removal_goes_through(monkeypatch):
+    # The check above is what catches the bug: without it, the corrupted model is kept.
+    model, pruner = make(verify=False)
+    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    assert pruner.prune(10).count == 10
+
+
+# ---- the pruned model is an ordinary model -------------------------------------------------------------
+
+
+def attribute_sizes(model, member):
+    name, role = member.rsplit(":", 1)
+    module = model.get_submodule(name)
+    return {"out": getattr(module, "out_channels", getattr(module, "out_features", None)),
+            "in": getattr(module, "in_channels", getattr(module, "in_features", None)),
+            "channel": getattr(module, "num_features", None)}[role]
+
+
+def test_pruned_model_trains_and_groups_match_modules():
+    model, pruner = make()
+    pruner.prune(20)
+    pruner.prune(7)
+    for group in pruner.groups:
+        for member in group.members:
+            assert attribute_sizes(model, member) == group.size, member
+    for conv in (model.a, model.b, model.c):
+        assert conv.weight.shape[:2] == (conv.out_channels, conv.in_channels)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    loss = nn.functional.cross_entropy(model(X), torch.tensor([0, 3]))
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    assert not torch.equal(model.a.weight, before["a.weight"])
+
+
+def test_data_criterion_must_be_ranked_again_after_a_prune():
+    model, _ = make()
+    pruner = fp.Pruner(model, X[:1], criterion="taylor")
+    loader = [(X, torch.tensor([1, 2]))]
+    pruner.rank(loader, nn.CrossEntropyLoss(), progress=False)
+    pruner.prune(3)
+    with pytest.raises(RuntimeError, match="again after every prune"):
+        pruner.prune(3)
+    pruner.rank(loader, nn.CrossEntropyLoss(), progress=False)
+    assert pruner.prune(3).count == 3

@@ -324,3 +324,24 @@ def test_unknown_criterion_lists_the_names():
         fp.Pruner(Tiny(), torch.randn(1, 1, 5, 5), criterion="taylr")
     for name in ("taylor", "taylor-weight", "l1", "l2", "activation-mean", "activation-std", "apoz", "bn-scale", "random"):
         assert name in str(err.value)
+
+
+# ---- a model on a GPU ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("criterion", ["taylor", "activation-std", "apoz", "taylor-weight", "l1"])
+def test_gpu_model_scores_like_the_cpu(criterion, monkeypatch):
+    # Batches follow the model to its device when rank() is given none; scores must not depend on it.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 alone would differ by ~1e-3
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, y = data(n=6)
+    scores = {}
+    for device in ("cpu", "cuda"):
+        model = Tiny().to(device).eval()
+        pruner = fp.Pruner(model, x[:1].to(device), criterion=criterion)
+        if criterion != "l1":
+            pruner.rank(batches(x, y, 4), CE, progress=False)
+        scores[device] = pruner.raw_scores()
+        pruner.prune(2)
+    close(scores["cuda"], scores["cpu"], rtol=1e-4, atol=1e-6)

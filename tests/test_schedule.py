@@ -340,3 +340,33 @@ def test_pickles_with_code_are_refused_and_never_run(setup, tmp_path, capsys):
 
     pickle.loads(plain.read_bytes())  # the payload is live: unpickling it does run the code
     assert marker.read_text() == "code from the file ran"
+
+
+def test_latency_aware_cost_keeps_the_macs_total_and_follows_the_time():
+    """measured_unit_cost spreads the MACs total over units by measured time per unit."""
+    from filterprune.schedule import measured_unit_cost
+
+    torch.manual_seed(0)
+    model = fp.vgg16_layout(num_classes=2, width=0.125).eval()
+    pruner = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1")
+    cost = measured_unit_cost(pruner, batch=1)
+    macs = pruner.graph.unit_cost() / 1e6
+    assert cost.shape == macs.shape and torch.isclose(cost.sum(), macs.sum())
+    assert (cost >= 0).all() and (cost > 0).any()
+    for group in pruner.groups:  # one measured figure per group, shared by its units
+        part = cost[group.offset:group.offset + group.size]
+        assert torch.allclose(part, part[0].expand_as(part))
+
+
+def test_flops_regularisation_moves_pruning_to_costly_channels():
+    """With lambda large, the MACs cost dominates: the first block's channels (32x32 maps) go first."""
+    torch.manual_seed(0)
+    model = fp.vgg16_layout(num_classes=2, width=0.125)
+    plain = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1", ignore=[model.classifier[0], model.classifier[3]])
+    removed_plain = plain.prune(20).removed_per_group
+    model = fp.vgg16_layout(num_classes=2, width=0.125)
+    costly = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1", flops_lambda=10.0,
+                       ignore=[model.classifier[0], model.classifier[3]])
+    removed_costly = costly.prune(20).removed_per_group
+    first_block = ("features.0", "features.3")
+    assert sum(removed_costly.get(g, 0) for g in first_block) > sum(removed_plain.get(g, 0) for g in first_block)

@@ -215,6 +215,35 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_criteria(args) -> int:
+    from .demo import DemoConfig, default_cache, pair_data, transferred_path
+    from .oracle import run_study, study_table, write_study
+
+    config = DemoConfig()
+    path = Path(args.model) if args.model else transferred_path(config, default_cache())
+    if not path.is_file():
+        hint = "pass --model FILE" if args.model else "run `filterprune demo` first, or pass --model FILE"
+        raise FileNotFoundError(f"model file {path} not found: {hint}")
+    device = _device(args.device)
+    model = io.load(path).to(device)
+    arch = model.filterprune_arch
+    if args.data:
+        size = args.size or model.filterprune_metadata.get("image_size", 224)
+        _, heldout, _ = data.image_folder_datasets(args.data, size=size, test_fraction=args.test_fraction, seed=args.seed,
+                                                   augment=False)
+    elif (arch["builder"].endswith(":vgg16_layout") and arch["kwargs"].get("num_classes") == 2
+          and "classes" not in model.filterprune_metadata):  # the demo's network: `train` would have saved classes
+        heldout = pair_data(config)["heldout"]
+    else:
+        raise ValueError(f"{path} is not the demo's network: pass --data DIR (an image folder; its held-out split is used)")
+    loader = data.make_loader(heldout, args.batch_size, shuffle=False)
+    result = run_study(model, loader, device=device, seed=args.seed, progress=not args.quiet)
+    paths = write_study(result, args.out)
+    print(study_table(result))
+    print(f"\n{result['units']} units, {result['images']} held-out images, {result['wall_s']:.0f} s; report: {paths['markdown']}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, data_needed: bool = True) -> None:
     p.add_argument("--config", help="JSON or TOML file of option values (command-line flags win)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -310,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int)
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("criteria", help="every criterion against the oracle of 1611.06440 (its Table 1), on held-out images")
+    _common(p, data_needed=False)
+    p.add_argument("--model", help="a saved filterprune model (default: the demo's transferred network)")
+    p.add_argument("--data", help="image folder whose held-out split is used (default for the demo's network: its 400 held-out images)")
+    p.add_argument("--size", type=int, help="image size for --data (default: the model's, else 224)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held out per class when DIR has no test folder")
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--out", default="runs/criteria", help="where criteria.json, criteria.md and criteria.png go")
+    p.set_defaults(func=cmd_criteria)
     return parser
 
 

@@ -102,8 +102,8 @@ def weight_scores(name: str, model: nn.Module, graph: ChannelGraph, combine: str
 class _Consumed:
     """Hooks on every layer that consumes channels, recording what each criterion needs per batch."""
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, gates: bool) -> None:
-        self.graph, self.gates = graph, gates
+    def __init__(self, model: nn.Module, graph: ChannelGraph, gates: bool, stats: bool) -> None:
+        self.graph, self.gates, self.want_stats = graph, gates, stats
         self.taps: list[tuple[Slot, torch.Tensor, int]] = []  # slot, gate, values per feature map
         self.stats: list[tuple[Slot, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         by_module = {s.module: s for s in graph.slots if s.role == "in" and bool((s.owner >= 0).any())}
@@ -118,9 +118,9 @@ class _Consumed:
             other = [d for d in range(1, x.dim()) if d != dim]
             per_map = x[0].numel() // x.shape[dim]
             z = x.detach()
-            # Per example and feature map: mean, mean of squares, share of exact zeros.
-            self.stats.append((slot, z.mean(other), z.pow(2).mean(other), (z == 0).double().mean(other)) if other
-                              else (slot, z, z.pow(2), (z == 0).double()))
+            if self.want_stats:  # per example and feature map: mean, mean of squares, share of exact zeros
+                self.stats.append((slot, z.mean(other), z.pow(2).mean(other), (z == 0).double().mean(other)) if other
+                                  else (slot, z, z.pow(2), (z == 0).double()))
             if not self.gates:
                 return None
             shape = [x.shape[0]] + [x.shape[d] if d == dim else 1 for d in range(1, x.dim())]
@@ -179,7 +179,7 @@ def accumulate(
         device = first.device if first is not None else "cpu"
     was_training = model.training
     model.eval()  # running statistics and dropout must not change while we only measure
-    consumed = _Consumed(model, graph, gates=need_gates)
+    consumed = _Consumed(model, graph, gates=need_gates, stats=bool({"activation-mean", "activation-std", "apoz"} & set(names)))
     try:
         batches = tqdm(loader, desc="rank", total=max_batches or _len(loader), disable=not progress, leave=False)
         for index, (inputs, targets) in enumerate(batches):

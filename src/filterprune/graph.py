@@ -94,9 +94,10 @@ class _UnionFind:
         a, b = torch.broadcast_tensors(a, b)
         differ = a != b
         if differ.any():
-            pairs = torch.unique(torch.stack([a[differ], b[differ]]), dim=1)
-            for x, y in pairs.t().tolist():
-                self.union(x, y)
+            # One int64 per pair makes the de-duplication a fast 1-D unique (ids are < 2**31).
+            pairs = torch.unique(a[differ] * 2**31 + b[differ])
+            for pair in pairs.tolist():
+                self.union(pair >> 31, pair & (2**31 - 1))
 
     def roots(self, labels: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self.find(x) for x in labels.tolist()], dtype=torch.long)
@@ -365,12 +366,14 @@ class ChannelGraph:
         if isinstance(fn, type) and issubclass(fn, tuple):  # a named tuple of outputs
             return fn(*label_args, **label_kwargs)
         call = (lambda *a, **k: getattr(a[0], fn)(*a[1:], **k)) if is_method else fn
-        if (fn in _ELEMENTWISE) or (is_method and fn in _ELEMENTWISE_METHODS):
+        channel_wise = (fn in _CHANNEL_WISE_FUNCTIONS) or (is_method and fn in _CHANNEL_WISE_METHODS) or _is_stochastic_depth(fn)
+        # A channel-wise op with a second tensor (clamp(x, min=per_channel)) ties x to it, like an add.
+        if (fn in _ELEMENTWISE) or (is_method and fn in _ELEMENTWISE_METHODS) or (channel_wise and len(in_labels) > 1):
             out = torch.broadcast_to(in_labels[0], value.shape)
             for lab in in_labels[1:]:
                 self._uf.unite(out, lab)
             return out.clone()
-        if (fn in _CHANNEL_WISE_FUNCTIONS) or (is_method and fn in _CHANNEL_WISE_METHODS) or _is_stochastic_depth(fn):
+        if channel_wise:
             return self._channel_wise(in_labels[0], value)
         if (fn in _RESHAPES) or (is_method and fn in _RESHAPE_METHODS):
             problem = _reshape_problem(in_labels[0], value, node, is_method)

@@ -15,6 +15,7 @@ for any network the channel graph handles, residual and concatenating ones inclu
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 import warnings
@@ -55,7 +56,7 @@ class _Plan:
                  owners: dict[str, tuple[torch.Tensor, int]], width: int) -> None:
         self.prefix, self.suffix, self.frontier = prefix, suffix, frontier
         self.owners = owners  # consumer module -> (unit of each input index, channel dim)
-        self.width = width  # largest per-example size of a suffix activation, to size the chunks
+        self.width = width  # largest per-example size of a stacked activation, to size the chunks
         last_use: dict[fx.Node, int] = {}
         for i, node in enumerate(suffix):
             for source in node.all_input_nodes:
@@ -212,7 +213,9 @@ def _chunk_losses(traced: _Traced, plan: _Plan, prefix: dict, inputs: torch.Tens
     if plan.suffix[-1].op != "output":
         raise RuntimeError("the oracle needs every group's consumers to reach the model's output")
     targets = targets.to(out.device)
-    return torch.stack([loss_fn(o, targets).double() * batch for o in out.split(batch)]).cpu()
+    # One vmapped call, not one per copy: thousands of tiny calls cost more than the copies' passes.
+    per_copy = torch.func.vmap(lambda o: loss_fn(o, targets))(out.reshape(copies, batch, *out.shape[1:]))
+    return per_copy.double().cpu() * batch
 
 
 def _ablate_group(traced: _Traced, plan: _Plan, group: Group, inputs: torch.Tensor, targets: torch.Tensor,
@@ -228,6 +231,20 @@ def _ablate_group(traced: _Traced, plan: _Plan, group: Group, inputs: torch.Tens
         # nothing scores exactly 0.
         total[units] += losses[1:] - losses[0]
         bar.update(len(units))
+
+
+def _runs_channels_last(model: nn.Module, inputs: torch.Tensor) -> bool:
+    """Switch `model` to channels-last if it runs so: the oracle is thousands of passes, and oneDNN's
+    convolutions and pooling are about 1.5x faster on it; a .view() of a conv output fails on it."""
+    if inputs.dim() != 4:
+        return False
+    try:
+        with torch.no_grad():
+            model.to(memory_format=torch.channels_last)(inputs[:1].contiguous(memory_format=torch.channels_last))
+        return True
+    except RuntimeError:
+        model.to(memory_format=torch.contiguous_format)
+        return False
 
 
 def oracle(
@@ -247,18 +264,17 @@ def oracle(
     ablations share a forward pass where activations are small. Units no layer consumes get 0.
     """
     device = torch.device(device or "cpu")
-    # A copy, so the caller's model keeps its mode and layout; channels-last convolutions and
-    # pooling run about 1.5x faster on CPU (oneDNN), and the oracle is thousands of passes.
-    runner = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    runner = copy.deepcopy(model).eval()  # the caller's model keeps its mode and memory layout
     total = torch.zeros(graph.num_units, dtype=torch.float64)
     base, examples = 0.0, 0
     traced, plans = None, {}
     batches = list(loader)
+    channels_last = bool(batches) and _runs_channels_last(runner, batches[0][0].to(device))
     bar = tqdm(total=graph.num_units * len(batches), desc="oracle", unit="ablation", disable=not progress)
     with torch.no_grad():
         for inputs, targets in batches:
             inputs, targets = inputs.to(device), targets.to(device)
-            if inputs.dim() == 4:
+            if channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             if traced is None:
                 traced = _Traced(runner, inputs)
@@ -315,16 +331,19 @@ def spearman_scopes(scores: torch.Tensor, oracle_abs: torch.Tensor, graph: Chann
     }
 
 
-def lowest_share(scores: torch.Tensor, oracle_abs: torch.Tensor, share: float = 0.1) -> float | None:
-    """Of the oracle's k lowest units (k = share of the units the criterion scores), the part the
-    criterion also puts among its own k lowest. Ties go by unit index for both. Random: ~share."""
-    valid = torch.nonzero(~scores.isnan()).flatten()
+def lowest_share(scores: torch.Tensor, oracle_abs: torch.Tensor, share: float = 0.1,
+                 units: torch.Tensor | None = None) -> float | None:
+    """How many of the criterion's k lowest units are among the oracle's k lowest (k = `share` of the
+    `units`, default all, that the criterion scores). A unit tied with the oracle's k-th lowest
+    counts as among them: many units change the loss by exactly 0. Random choice finds ~share."""
+    units = torch.arange(len(scores)) if units is None else units
+    valid = units[~scores[units].isnan()]
     if len(valid) == 0:
         return None
     k = max(1, round(share * len(valid)))
-    ours = set(valid[torch.argsort(scores[valid], stable=True)[:k]].tolist())
-    best = set(valid[torch.argsort(oracle_abs[valid], stable=True)[:k]].tolist())
-    return len(ours & best) / k
+    ours = valid[torch.argsort(scores[valid], stable=True)[:k]]
+    threshold = oracle_abs[valid].sort().values[k - 1]
+    return int((oracle_abs[ours] <= threshold).sum()) / k
 
 
 def conv_groups(model: nn.Module, graph: ChannelGraph) -> list[Group]:
@@ -348,6 +367,18 @@ def all_scores(model: nn.Module, graph: ChannelGraph, loader: Iterable, names: I
     return {name: scores[name] for name in names}
 
 
+def _agreement(scores: dict[str, torch.Tensor], oracle_abs: torch.Tensor, graph: ChannelGraph, groups: list[Group],
+               share: float) -> tuple[dict, dict]:
+    """Spearman in the three scopes, and the lowest-k share ranking globally without and with L2
+    normalisation, of every criterion over the units of `groups`."""
+    units = torch.cat([torch.arange(g.offset, g.offset + g.size) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+    spearman = {n: spearman_scopes(s, oracle_abs, graph, groups) for n, s in scores.items()}
+    lowest = {n: {"global": lowest_share(s, oracle_abs, share, units),
+                  "global_l2": lowest_share(crit.normalize_per_group(s, graph), oracle_abs, share, units)}
+              for n, s in scores.items()}
+    return spearman, lowest
+
+
 def run_study(
     model: nn.Module,
     loader: Iterable,
@@ -358,7 +389,11 @@ def run_study(
     share: float = 0.1,
     progress: bool = True,
 ) -> dict:
-    """The oracle, every criterion on the same data, and their agreement; the criteria.json content."""
+    """The oracle, every criterion on the same data, and their agreement; the criteria.json content.
+
+    "spearman" and "oracle_lowest_share" cover all units; the "_conv" keys only conv feature maps,
+    the units of the paper's Table 1 (hidden Linear units, often dead after ReLU, are easy to rank).
+    """
     start = time.perf_counter()
     loader = list(loader)  # read (and decode) the images once for the oracle and the criteria
     graph = ChannelGraph(model, loader[0][0][:1])
@@ -369,16 +404,18 @@ def run_study(
     scores = all_scores(model, graph, loader, names, loss_fn, device=device, seed=seed, progress=progress)
     criteria_s = time.perf_counter() - t0
     convs = conv_groups(model, graph)
+    spearman, lowest = _agreement(scores, truth["abs"], graph, graph.groups, share)
+    spearman_conv, lowest_conv = _agreement(scores, truth["abs"], graph, convs, share)
     return {
-        "spearman": {n: spearman_scopes(s, truth["abs"], graph) for n, s in scores.items()},
-        "spearman_conv": {n: spearman_scopes(s, truth["abs"], graph, convs) for n, s in scores.items()},
-        "oracle_lowest_share": {n: lowest_share(s, truth["abs"], share) for n, s in scores.items()},
-        "oracle_lowest_share_l2": {n: lowest_share(crit.normalize_per_group(s, graph), truth["abs"], share)
-                                   for n, s in scores.items()},
+        "spearman": spearman,
+        "spearman_conv": spearman_conv,
+        "oracle_lowest_share": lowest,
+        "oracle_lowest_share_conv": lowest_conv,
         "lowest_share_of_units": share,
         "units": graph.num_units,
         "conv_units": sum(g.size for g in convs),
         "oracle_zero_units": int((truth["abs"] == 0).sum()),
+        "oracle_negative_units": int((truth["loss"] < 0).sum()),
         "images": sum(len(targets) for _, targets in loader),
         "base_loss": float(truth["base"]),
         "groups": {g.name: g.size for g in graph.groups},
@@ -395,73 +432,80 @@ def _cell(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def _rows(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
 def study_table(result: dict, key: str = "spearman") -> str:
     """Table 1 of the paper for this run: one row per scope, one column per criterion."""
     names = list(result[key])
-    lines = ["| ranking scope | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for scope in SCOPES:
-        lines.append(f"| {SCOPE_NAMES[scope]} | " + " | ".join(_cell(result[key][n][scope]) for n in names) + " |")
-    return "\n".join(lines)
+    return _rows(["ranking scope", *names], [[SCOPE_NAMES[s], *(_cell(result[key][n][s]) for n in names)] for s in SCOPES])
 
 
 def _paper_table(result: dict) -> str:
     names = list(PAPER_TABLE1)
-    lines = ["| ranking scope | " + " | ".join(PAPER_LABELS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    for scope in SCOPES:
-        cells = [f"{PAPER_TABLE1[n][scope]:.2f} / {_cell(result['spearman_conv'].get(n, {}).get(scope))}" for n in names]
-        lines.append(f"| {SCOPE_NAMES[scope]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _rows(["ranking scope", *(PAPER_LABELS[n] for n in names)],
+                 [[SCOPE_NAMES[s], *(f"{PAPER_TABLE1[n][s]:.2f} / {_cell(result['spearman_conv'].get(n, {}).get(s))}" for n in names)]
+                  for s in SCOPES])
+
+
+def _lowest_table(result: dict) -> str:
+    conv, everything = result["oracle_lowest_share_conv"], result["oracle_lowest_share"]
+    return _rows(["criterion", "conv maps, raw", "conv maps, L2 norm", "all units, raw", "all units, L2 norm"],
+                 [[n, _cell(conv[n]["global"]), _cell(conv[n]["global_l2"]), _cell(everything[n]["global"]),
+                   _cell(everything[n]["global_l2"])] for n in everything])
 
 
 def study_markdown(result: dict) -> str:
-    """criteria.md: our Table 1, the conv-only one beside the paper's, and the lowest-k overlap."""
-    share = result["lowest_share_of_units"]
-    overlap = ["| criterion | raw scores | per-layer L2 normalised |", "|---|---|---|"]
-    overlap += [f"| {n} | {_cell(v)} | {_cell(result['oracle_lowest_share_l2'][n])} |" for n, v in result["oracle_lowest_share"].items()]
+    """criteria.md: Table 1 for conv maps (beside the paper's) and for all units, and the lowest-k overlap."""
+    share = 100 * result["lowest_share_of_units"]
     return "\n\n".join([
         "# Criteria against the oracle (1611.06440, Table 1)",
-        f"Spearman rank correlation of each criterion with oracle-abs (|C(W') - C(W)| when a unit is removed alone), "
-        f"on {result['images']} held-out images; {result['units']} units ({result['conv_units']} conv feature maps), "
-        f"{result['oracle_zero_units']} of which change the loss by exactly 0. "
-        f"Oracle {result['oracle_s']:.0f} s, criteria {result['criteria_s']:.0f} s, all {result['wall_s']:.0f} s.",
-        "## All units\n\n" + study_table(result),
-        "## Conv feature maps only, beside the paper (paper / this run)\n\n"
-        "The paper: VGG-16 fine-tuned on Birds-200. Its \"weight\" criterion is the mean of w^2 per kernel; "
-        "filterprune has no mutual-information criterion.\n\n" + _paper_table(result),
-        f"## The oracle's lowest {100 * share:.0f}%\n\nShare of the oracle's k lowest units (k = {100 * share:.0f}% of the "
-        "units each criterion scores, over all layers) that the criterion also ranks among its k lowest; "
-        f"random choice finds about {share:.2f}.\n\n" + "\n".join(overlap),
+        f"Spearman rank correlation of each criterion with oracle-abs (|C(W') - C(W)| when one unit is removed), on "
+        f"{result['images']} held-out images (mean loss {result['base_loss']:.4f}); {result['units']} units, "
+        f"{result['conv_units']} of them conv feature maps. Removing {result['oracle_zero_units']} units changes the loss "
+        f"by exactly 0 (dead after ReLU); removing {result['oracle_negative_units']} lowers it. Oracle "
+        f"{result['oracle_s']:.0f} s, criteria {result['criteria_s']:.0f} s, all {result['wall_s']:.0f} s.",
+        "`random` is the floor. With L2 normalisation it is not 0: dividing by a layer's norm scales its scores by "
+        "about 1/sqrt(layer size), and the oracle's values shrink in larger layers too.",
+        "## Conv feature maps (the paper's setting)\n\n" + study_table(result, "spearman_conv"),
+        "Beside the paper (paper / this run); the paper: VGG-16 fine-tuned on Birds-200. Its \"weight\" criterion is "
+        "the mean of w^2 per kernel; filterprune has no mutual-information criterion.\n\n" + _paper_table(result),
+        "## All units (hidden Linear units included)\n\n" + study_table(result),
+        f"## The oracle's lowest {share:.0f}%\n\nOf each criterion's k lowest units when ranking all layers together "
+        f"(k = {share:.0f}% of the units it scores), the share that are among the oracle's k lowest (ties with the "
+        f"k-th included). Random choice finds about {share / 100:.2f} where few units tie, and more where many change the "
+        "loss by exactly 0.\n\n" + _lowest_table(result),
     ]) + "\n"
 
 
 def study_plot(result: dict):
-    """Grouped bars: one group per criterion, one bar per scope; the paper's values as markers."""
+    """Grouped bars, conv maps and all units: one group per criterion, one bar per scope; the paper as ticks."""
     from matplotlib.figure import Figure
 
     names = list(result["spearman"])
-    fig = Figure(figsize=(max(7.0, 0.9 * len(names) + 2), 4.4), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(max(7.0, 0.9 * len(names) + 2), 7.6), layout="constrained")
     width = 0.8 / len(SCOPES)
-    for i, scope in enumerate(SCOPES):
-        xs = [j + (i - 1) * width for j in range(len(names))]
-        values = [result["spearman"][n][scope] for n in names]
-        ax.bar(xs, [0.0 if v is None else v for v in values], width, label=SCOPE_NAMES[scope])
-        paper = [(x, PAPER_TABLE1[n][scope]) for x, n in zip(xs, names) if n in PAPER_TABLE1]
-        ax.plot([x for x, _ in paper], [v for _, v in paper], "k_", markersize=12, markeredgewidth=2,
-                label="paper (VGG-16, Birds-200)" if i == 0 else None)
-    ax.axhline(0, color="gray", linewidth=0.8)
+    panels = [("spearman_conv", f"conv feature maps ({result['conv_units']})"), ("spearman", f"all units ({result['units']})")]
+    for ax, (key, title) in zip(fig.subplots(2, 1, sharex=True), panels):
+        for i, scope in enumerate(SCOPES):
+            xs = [j + (i - 1) * width for j in range(len(names))]
+            ax.bar(xs, [result[key][n][scope] or 0.0 for n in names], width, label=SCOPE_NAMES[scope])
+            if key == "spearman_conv":
+                paper = [(x, PAPER_TABLE1[n][scope]) for x, n in zip(xs, names) if n in PAPER_TABLE1]
+                ax.plot([x for x, _ in paper], [v for _, v in paper], "k_", markersize=12, markeredgewidth=2,
+                        label="paper (VGG-16, Birds-200)" if i == 0 else None)
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set(ylabel="Spearman with oracle-abs", ylim=(min(-0.2, ax.get_ylim()[0]), 1.0), title=title)
+        ax.grid(axis="y", alpha=0.3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set(ylabel="Spearman correlation with oracle-abs", ylim=(min(-0.2, ax.get_ylim()[0]), 1.0),
-           title=f"Criteria against the oracle: {result['units']} units, {result['images']} held-out images")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    fig.axes[0].legend(fontsize=8, ncol=2)
+    fig.suptitle(f"Criteria against the oracle on {result['images']} held-out images")
     return fig
 
 
 def write_study(result: dict, out: str | Path) -> dict[str, Path]:
     """Write out/criteria.json, out/criteria.md and out/criteria.png; returns name -> path."""
-    import json
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "criteria.json", "markdown": out / "criteria.md", "plot": out / "criteria.png"}

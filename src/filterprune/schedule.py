@@ -56,7 +56,7 @@ class Schedule:
     latency_aware: bool = False
     latency_batch: int = 1
     round_to: int = 1
-    min_channels: int = 1
+    min_channels: int | dict = 1
     rank_batches: int | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)

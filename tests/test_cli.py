@@ -24,8 +24,8 @@ from torch import nn
 import filterprune as fp
 from filterprune import cli, models
 from filterprune.cli import main
+from images import COLOURS, picture
 
-COLOURS = {"cat": (220, 40, 40), "dog": (40, 40, 220), "fox": (40, 190, 40)}
 TINY = ["--arch", "vgg16_layout", "--width", "0.03"]
 FAST = ["--size", "32", "--workers", "0", "--batch-size", "8", "--lr", "0.01", "--quiet"]
 # the blog prunes conv filters only: the hidden Linear layers of the three-linear head keep their units
@@ -44,15 +44,6 @@ def one_thread():
 
 
 # ---------------------------------------------------------------- generated images
-
-def picture(kind: str, i: int, size: int = 32) -> np.ndarray:
-    """A class colour with a class pattern (stripes across, stripes down, diagonals) and noise."""
-    k = list(COLOURS).index(kind)
-    y, x = np.mgrid[:size, :size]
-    pattern = [(y // 4) % 2, (x // 4) % 2, ((x + y) // 4) % 2][k]
-    noise = np.random.default_rng(1000 * k + i).normal(0, 12, (size, size, 3))
-    return (np.array(COLOURS[kind]) * (0.55 + 0.45 * pattern[..., None]) + noise).clip(0, 255).astype(np.uint8)
-
 
 def write(path: Path, image, fmt: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,8 @@ from PIL import Image
 import filterprune as fp
 from filterprune.cli import main
 from filterprune.schedule import CheckpointError, Schedule, load_checkpoint, prune_iteratively
+from images import COLOURS, picture
 
-COLOURS = {"cat": (220, 40, 40), "dog": (40, 40, 220), "fox": (40, 190, 40)}
 # 18 training images in batches of 8: three fine-tuning steps per epoch
 ARGS = ["--size", "32", "--workers", "0", "--batch-size", "8", "--lr", "0.01", "--quiet", "--epochs-between", "1",
         "--iterations", "3", "--step", "0.1", "--seed", "3", "--ignore", "classifier.0", "classifier.3"]
@@ -87,14 +87,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def picture(kind: str, i: int, size: int = 32) -> np.ndarray:
-    k = list(COLOURS).index(kind)
-    y, x = np.mgrid[:size, :size]
-    pattern = [(y // 4) % 2, (x // 4) % 2, ((x + y) // 4) % 2][k]
-    noise = np.random.default_rng(1000 * k + i).normal(0, 12, (size, size, 3))
-    return (np.array(COLOURS[kind]) * (0.55 + 0.45 * pattern[..., None]) + noise).clip(0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def _mask_input(x: torch.Tensor, keep: torch.Tensor, copies: int, dim: int) -> t
     stacked = x.reshape(copies, -1, *x.shape[1:])
     shape = [copies] + [1] * (stacked.dim() - 1)
     shape[dim + 1 if dim >= 0 else dim] = keep.shape[1]
-    return (stacked * keep.to(x.dtype).view(shape)).reshape(x.shape)
+    return (stacked * keep.to(device=x.device, dtype=x.dtype).view(shape)).reshape(x.shape)
 
 
 def _linear_without_units(linear: nn.Linear, x: torch.Tensor, owner: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
@@ -209,9 +209,9 @@ def _chunk_losses(traced: _Traced, plan: _Plan, prefix: dict, inputs: torch.Tens
             env[node] = traced.evaluate(node, env, inputs, read)
         for done in free:
             env.pop(done, None)
-    out = env[plan.suffix[-1]]
     if plan.suffix[-1].op != "output":
         raise RuntimeError("the oracle needs every group's consumers to reach the model's output")
+    out = env[plan.suffix[-1]]
     targets = targets.to(out.device)
     # One vmapped call, not one per copy: thousands of tiny calls cost more than the copies' passes.
     per_copy = torch.func.vmap(lambda o: loss_fn(o, targets))(out.reshape(copies, batch, *out.shape[1:]))
@@ -296,6 +296,10 @@ def oracle(
 # ---- agreement with the oracle -----------------------------------------------------------------
 
 
+def _units_of(groups: list[Group]) -> torch.Tensor:
+    return torch.cat([torch.arange(g.offset, g.offset + g.size) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+
+
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
     if len(a) < 3 or bool((a == a[0]).all()) or bool((b == b[0]).all()):
         return None  # undefined for constant rankings
@@ -315,11 +319,11 @@ def spearman_scopes(scores: torch.Tensor, oracle_abs: torch.Tensor, graph: Chann
     """
     groups = graph.groups if groups is None else groups
     normalised = crit.normalize_per_group(scores, graph)
-    index = torch.cat([torch.arange(g.offset, g.offset + g.size) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+    index = _units_of(groups)
     valid = index[~scores[index].isnan()]
     per_layer = []
     for g in groups:
-        units = torch.arange(g.offset, g.offset + g.size)
+        units = _units_of([g])
         units = units[~scores[units].isnan()]
         r = _spearman(scores[units], oracle_abs[units])
         if r is not None:
@@ -371,7 +375,7 @@ def _agreement(scores: dict[str, torch.Tensor], oracle_abs: torch.Tensor, graph:
                share: float) -> tuple[dict, dict]:
     """Spearman in the three scopes, and the lowest-k share ranking globally without and with L2
     normalisation, of every criterion over the units of `groups`."""
-    units = torch.cat([torch.arange(g.offset, g.offset + g.size) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+    units = _units_of(groups)
     spearman = {n: spearman_scopes(s, oracle_abs, graph, groups) for n, s in scores.items()}
     lowest = {n: {"global": lowest_share(s, oracle_abs, share, units),
                   "global_l2": lowest_share(crit.normalize_per_group(s, graph), oracle_abs, share, units)}

@@ -1,0 +1,194 @@
+"""filterprune beside Torch-Pruning: the demo's network pruned to the same MACs with the same fine-tuning.
+
+    pip install torch-pruning          # optional; the library never imports it
+    filterprune demo                   # once: caches the transferred network this starts from
+    python benchmarks/bench_torch_pruning.py --macs 3 --steps 3 --epochs 3 --final-epochs 3
+
+Four methods, each iterative in the same number of steps: step i prunes until the model has
+base / macs^(i/steps) MACs (measured the same way for all, filterprune.profile), then fine-tunes.
+
+- filterprune taylor / l1: Pruner with its defaults (global ranking, per-layer L2 normalisation);
+  taylor ranks on the 2000 training images without augmentation, as the demo does.
+- Torch-Pruning TaylorImportance (|w * dL/dw| per channel, Molchanov 2019) with gradients summed
+  over the same 2000 images, and MagnitudeImportance(p=1); both with global_pruning=True and
+  TP's default per-group "mean" normaliser, removing ~1/400 of the channels per pruner.step()
+  until the MACs target is met (the recipe of TP's own benchmarks).
+- Both may prune every conv and both hidden Linear layers; only the last Linear (the two class
+  scores) is kept, for both. No rounding of channel counts for either.
+- Same fine-tuning for all: SGD (momentum 0.9, weight decay 5e-4), the same learning rate, a
+  cosine schedule per step, the demo's augmented training set in the same order.
+
+Writes OUT/results.json and OUT/results.md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from filterprune import Pruner, io, profile
+from filterprune.criteria import DATA_CRITERIA
+from filterprune.data import make_loader
+from filterprune.demo import DemoConfig, default_cache, pair_data, transferred_path
+from filterprune.train import evaluate, fine_tune
+
+METHODS = ("filterprune taylor", "filterprune l1", "Torch-Pruning taylor", "Torch-Pruning magnitude (L1)")
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    return profile(model, example, latency=False).macs
+
+
+def _macs_without(pruner: Pruner, remove: torch.Tensor) -> float:
+    """MACs of the conv and Linear layers once `remove` units are gone: each layer's MACs scale
+    with the share of its inputs and the share of its outputs that stay."""
+    kept = {}
+    for slot in pruner.graph.slots:
+        if slot.role in ("in", "out"):
+            owned = slot.owner >= 0
+            gone = torch.zeros(len(slot.owner), dtype=torch.bool)
+            gone[owned] = remove[slot.owner[owned]]
+            kept[slot.module, slot.role] = (1 - gone.double().mean().item(), slot)
+    return sum(slot.macs_per_index * len(slot.owner) * share * kept.get((module, "in"), (1.0,))[0]
+               for (module, role), (share, slot) in kept.items() if role == "out")
+
+
+def _units_for(pruner: Pruner, target: float) -> int:
+    """The fewest units prune(n) must remove to bring the MACs to `target` (binary search on n).
+    Pruner._select is what prune(n) removes, per-layer minimums included; it has no public name."""
+    scores = pruner.scores()
+    low, high = 1, pruner.graph.num_units
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if _macs_without(pruner, pruner._select(mid, scores)) <= target else (mid + 1, high)
+    return low
+
+
+def filterprune_to(model: nn.Module, example: torch.Tensor, criterion: str, target: float, rank_loader) -> None:
+    """Prune `model` in place with filterprune until it has at most `target` MACs."""
+    pruner = Pruner(model, example, criterion=criterion, ignore=[model.classifier[6]])
+    while count_macs(model, example) > target:  # once, unless per-layer minimums got in the way
+        if criterion in DATA_CRITERIA:  # channels changed since the last ranking
+            pruner.rank(rank_loader, F.cross_entropy, progress=False)
+        pruner.prune(_units_for(pruner, target))
+
+
+def torch_pruning_to(model: nn.Module, example: torch.Tensor, kind: str, target: float, rank_loader) -> None:
+    """Prune `model` in place with Torch-Pruning until it has at most `target` MACs."""
+    import torch_pruning as tp
+
+    if kind == "taylor":
+        importance = tp.importance.TaylorImportance()
+        model.eval()  # as filterprune ranks: running BN statistics, no dropout
+        model.zero_grad()
+        for inputs, targets in rank_loader:
+            F.cross_entropy(model(inputs), targets).backward()
+    else:
+        importance = tp.importance.MagnitudeImportance(p=1)
+    pruner = tp.pruner.MetaPruner(model, example, importance=importance, global_pruning=True, pruning_ratio=1.0,
+                                  iterative_steps=400, ignored_layers=[model.classifier[6]])
+    while count_macs(model, example) > target:
+        pruner.step()
+    model.zero_grad(set_to_none=True)
+
+
+def run_method(name: str, base: nn.Module, example: torch.Tensor, sets: dict, args) -> tuple[nn.Module, float]:
+    """Prune a copy of `base` in args.steps steps with fine-tuning; returns it and the wall time."""
+    torch.manual_seed(args.seed)
+    model = copy.deepcopy(base)
+    train_loader = make_loader(sets["train"], args.batch_size, shuffle=True, seed=args.seed)
+    rank_loader = make_loader(sets["ranking"], 100, shuffle=False)
+    base_macs = count_macs(model, example)
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        target = base_macs / args.macs ** (step / args.steps)
+        if name.startswith("filterprune"):
+            filterprune_to(model, example, name.split()[-1], target, rank_loader)
+        else:
+            torch_pruning_to(model, example, "taylor" if "taylor" in name else "magnitude", target, rank_loader)
+        fine_tune(model, train_loader, args.epochs, args.lr, "sgd", 5e-4, progress=False, desc=name)
+        print(f"  {name}: step {step}, {base_macs / count_macs(model, example):.2f}x fewer MACs", flush=True)
+    fine_tune(model, train_loader, args.final_epochs, args.lr, "sgd", 5e-4, progress=False, desc=name)
+    return model, time.perf_counter() - start
+
+
+def widths(model: nn.Module) -> dict[str, int]:
+    return {n: getattr(m, "out_channels", getattr(m, "out_features", 0)) for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def measure(models: dict[str, nn.Module], example: torch.Tensor, test_loader, rounds: int = 2) -> dict[str, dict]:
+    """Accuracy on the test set and cost; latency is the lowest of `rounds` medians, the models
+    taking turns, so that load from other processes hits them alike."""
+    rows = {name: {"accuracy": evaluate(m, test_loader, progress=False)["accuracy"]} for name, m in models.items()}
+    for _ in range(rounds):
+        for name, model in models.items():
+            prof = profile(model, example, batch_sizes=(1, 64), min_run_time=1.0).as_dict()
+            row = rows[name]
+            for key in ("latency_ms_b1", "latency_ms_b64"):
+                row[key] = min(row.get(key, float("inf")), prof[key])
+            row.update({k: prof[k] for k in ("macs", "params", "size_mb", "threads", "device", "dtype")})
+    return rows
+
+
+def table(rows: dict[str, dict]) -> str:
+    base = rows["unpruned"]
+    lines = ["| method | test accuracy (2000) | MACs | params | MB | latency b1 (ms) | latency b64 (ms) | pruning run (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "–"
+        lines.append(f"| {name} | {100 * r['accuracy']:.2f}% | {r['macs'] / 1e6:.2f} M ({base['macs'] / r['macs']:.2f}x) | "
+                     f"{r['params'] / 1e6:.2f} M | {r['size_mb']:.1f} | {r['latency_ms_b1']:.2f} | {r['latency_ms_b64']:.1f} | {wall} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--macs", type=float, default=3.0, help="MACs reduction target (default 3x fewer)")
+    parser.add_argument("--steps", type=int, default=3, help="pruning steps, each followed by fine-tuning")
+    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after each step")
+    parser.add_argument("--final-epochs", type=int, default=3, help="fine-tuning epochs after the last step")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench_torch_pruning")
+    args = parser.parse_args()
+
+    config = DemoConfig()
+    path = transferred_path(config, default_cache())
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run `filterprune demo` first")
+    base = io.load(path)
+    sets = pair_data(config)
+    example = sets["test"][0][0].unsqueeze(0)
+    budget = (f"budget per method: {args.steps} steps to {args.macs}x fewer MACs, {args.epochs} epochs after each and "
+              f"{args.final_epochs} at the end (SGD momentum 0.9, lr {args.lr}, weight decay 5e-4, cosine per step, "
+              f"batch {args.batch_size}, {len(sets['train'])} augmented training images)")
+    print(budget, flush=True)
+    models, walls = {"unpruned": base}, {}
+    for name in args.methods:
+        models[name], walls[name] = run_method(name, base, example, sets, args)
+    rows = measure(models, example, make_loader(sets["test"], 500, shuffle=False))
+    for name, wall in walls.items():
+        rows[name].update(wall_s=round(wall, 1), channels=widths(models[name]))
+    text = table(rows)
+    device = rows["unpruned"]
+    note = (f"Latency: {device['device']}, {device['dtype']}, {device['threads']} threads, lowest of 2 medians "
+            "(torch.utils.benchmark); MACs from torch's FlopCounterMode / 2.")
+    print(f"\n{text}\n\n{note}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"budget": budget, "args": vars(args), "rows": rows}, indent=2))
+    (out / "results.md").write_text(f"{budget}\n\n{text}\n\n{note}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -62,12 +62,12 @@ def _macs_without(pruner: Pruner, remove: torch.Tensor) -> float:
 
 def _units_for(pruner: Pruner, target: float) -> int:
     """The fewest units prune(n) must remove to bring the MACs to `target` (binary search on n).
-    Pruner._select is what prune(n) removes, per-layer minimums included; it has no public name."""
+    Pruner.select(n) is what prune(n) removes, per-layer minimums included."""
     scores = pruner.scores()
     low, high = 1, pruner.graph.num_units
     while low < high:
         mid = (low + high) // 2
-        low, high = (low, mid) if _macs_without(pruner, pruner._select(mid, scores)) <= target else (mid + 1, high)
+        low, high = (low, mid) if _macs_without(pruner, pruner.select(mid, scores)) <= target else (mid + 1, high)
     return low
 
 

@@ -237,3 +237,14 @@ def test_data_criterion_must_be_ranked_again_after_a_prune():
         pruner.prune(3)
     pruner.rank(loader, nn.CrossEntropyLoss(), progress=False)
     assert pruner.prune(3).count == 3
+
+
+def test_select_names_what_prune_removes_without_removing():
+    torch.manual_seed(0)
+    model = fp.vgg16_layout(num_classes=2, width=0.125)
+    pruner = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1")
+    before = sum(p.numel() for p in model.parameters())
+    mask = pruner.select(12)
+    assert int(mask.sum()) == 12 and sum(p.numel() for p in model.parameters()) == before
+    expected = {g.name: int(mask[g.offset:g.offset + g.size].sum()) for g in pruner.groups}
+    assert pruner.prune(12).removed_per_group == {k: v for k, v in expected.items() if v}

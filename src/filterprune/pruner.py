@@ -132,6 +132,10 @@ class Pruner:
         """How many units could still be removed under the per-group minimums."""
         return sum(max(0, g.size - self._minimum(g)) for g in self.groups)
 
+    def select(self, n: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Which units prune(n) would remove (a bool mask over the graph's units), removing nothing."""
+        return self._select(n, self.scores() if scores is None else scores)
+
     def prune(self, n: int) -> PruneResult:
         """Remove the n lowest-ranked units (fewer if minimums or rounding forbid), physically, in place."""
         if n < 0:

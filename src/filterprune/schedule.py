@@ -180,13 +180,16 @@ def prune_iteratively(
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     start = time.perf_counter()
     batch = schedule.latency_batch
+
+    def measured() -> dict:  # of the current `model`, taken on rank 0 and shared so every process decides alike
+        return _on_main(lambda: _measure(model, example_inputs, evaluate(model, eval_loader, device=device, progress=progress), batch, device))
     if resume and folder is not None:
         model, log, done = load_checkpoint(folder)
         _check_same_run(folder, log.get("schedule", {}), schedule)
         log_fn(f"resumed from {folder} after iteration {done}")
     else:
         check_reachable(model, example_inputs, schedule, ignore)  # fails before any work if it cannot succeed
-        baseline = _on_main(lambda: _measure(model, example_inputs, evaluate(model, eval_loader, device=device, progress=progress), batch, device))
+        baseline = measured()
         log = {"schedule": asdict(schedule), "baseline": baseline, "iterations": [], "stopped": None, "wall_s": 0.0}
         done = 0
     model.to(device)
@@ -225,7 +228,7 @@ def prune_iteratively(
         if train_loss is not None and reduce is not None:  # the mean over all processes' (equal) shards
             one = torch.ones(1, dtype=torch.float64)
             train_loss = (reduce(one * train_loss) / reduce(one)).item()
-        entry = _on_main(lambda: _measure(model, example_inputs, evaluate(model, eval_loader, device=device, progress=progress), batch, device))
+        entry = measured()
         entry.update(iteration=iteration, removed=result.count, removed_per_group=result.removed_per_group,
                      channels=result.channels, train_loss=train_loss,
                      wall_s=round(time.perf_counter() - start, 1))
@@ -241,7 +244,7 @@ def prune_iteratively(
         _seed(schedule, 10_000, (train_loader,))
         fine_tune(wrap(model) if wrap else model, train_loader, schedule.final_epochs, schedule.lr, schedule.optimizer,
                   schedule.weight_decay, device, progress, desc="final fine-tune")
-    log["final"] = _on_main(lambda: _measure(model, example_inputs, evaluate(model, eval_loader, device=device, progress=progress), batch, device))
+    log["final"] = measured()
     log["wall_s"] = round(log.get("wall_s", 0.0) + time.perf_counter() - start, 1)
     return model, log
 

@@ -24,7 +24,7 @@ from torch import nn
 import filterprune as fp
 from filterprune import cli, models
 from filterprune.cli import main
-from images import COLOURS, picture
+from images import COLOURS, one_thread, picture  # noqa: F401  (one_thread: an autouse fixture)
 
 TINY = ["--arch", "vgg16_layout", "--width", "0.03"]
 FAST = ["--size", "32", "--workers", "0", "--batch-size", "8", "--lr", "0.01", "--quiet"]
@@ -34,13 +34,6 @@ PRUNE = ["--head-epochs", "1", "--epochs", "1", "--epochs-between", "1", "--iter
 NO_TRAINING = ["--head-epochs", "0", "--epochs", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: much faster for these tiny models on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- generated images

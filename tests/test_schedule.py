@@ -24,7 +24,7 @@ from PIL import Image
 import filterprune as fp
 from filterprune.cli import main
 from filterprune.schedule import CheckpointError, Schedule, load_checkpoint, prune_iteratively
-from images import COLOURS, picture
+from images import COLOURS, one_thread, picture  # noqa: F401  (one_thread: an autouse fixture)
 
 # 18 training images in batches of 8: three fine-tuning steps per epoch
 ARGS = ["--size", "32", "--workers", "0", "--batch-size", "8", "--lr", "0.01", "--quiet", "--epochs-between", "1",
@@ -80,13 +80,6 @@ sys.exit(main(argv))
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread here and in the killed subprocesses: faster, and the same arithmetic in both."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,9 @@ class Slot:
     macs_per_index: float = 0.0
     owner: torch.Tensor = field(default=None, repr=False)  # unit index per position, -1 if pinned
     spread: torch.Tensor = field(default=None, repr=False)  # 1 / copies of the same feature map
+    # False where removing a channel changes what the layer computes for the channels that stay
+    # (a LayerNorm or GroupNorm across channels): the pruner can then only check the model still runs.
+    exact: bool = True
 
 
 @dataclass

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from filterprune.measure import Profile, latency_ms, profile
+from filterprune.measure import (GPU_BATCH, Profile, default_batch_sizes, latency_ms, latency_spread_ms, launch_note,
+                                 profile, speed_change)
 from filterprune.models import vgg16_layout
 
 
@@ -47,10 +48,13 @@ def test_latency_keys_and_report():
     p = profile(model, torch.randn(1, 3, 16, 16), batch_sizes=(1, 2), threads=1, min_run_time=0.05)
     assert set(p.latency_ms) == {1, 2} and all(ms > 0 for ms in p.latency_ms.values())
     d = p.as_dict()
-    assert list(d) == ["params", "size_mb", "macs", "latency_ms_b1", "latency_ms_b2", "device", "dtype", "threads"]
+    assert list(d) == ["params", "size_mb", "macs", "latency_ms_b1", "latency_ms_b2", "latency_iqr_ms_b1", "latency_iqr_ms_b2",
+                       "device", "dtype", "threads"]
+    assert all(d[f"latency_iqr_ms_b{b}"] >= 0 for b in (1, 2))
     assert (d["device"], d["dtype"], d["threads"]) == ("cpu", "float32", 1)
     text = str(p)
-    assert "ms" in text and "MB" in text and "MMACs" in text
+    assert "ms" in text and "MB" in text and "MMACs" in text and "IQR" in text
+    assert p.headline_batch == 1 and "launch" not in text  # the GPU caveat only on a GPU
 
 
 def test_mode_restored_and_measured_in_eval_inference_mode():
@@ -67,3 +71,61 @@ def test_mode_restored_and_measured_in_eval_inference_mode():
 def test_as_dict_names_each_batch_size():
     p = Profile(params=1, size_mb=0.5, macs=2, latency_ms={64: 3.0}, device="cpu", dtype="float32", threads=2)
     assert p.as_dict()["latency_ms_b64"] == 3.0
+
+
+class Frozen(nn.Module):
+    """A training model with one BatchNorm frozen in eval mode by its user."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.frozen = nn.BatchNorm1d(6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.frozen(self.bn(x))
+
+
+def test_each_module_gets_its_own_mode_back():
+    model = Frozen().train()
+    model.frozen.eval()
+    latency_ms(model, torch.randn(4, 6), min_run_time=0.01)
+    profile(model, torch.randn(4, 6), min_run_time=0.01)
+    assert model.training and model.bn.training and not model.frozen.training
+
+
+def test_spread_rests_on_several_samples_and_brackets_the_median():
+    median, iqr = latency_spread_ms(nn.Linear(6, 3), torch.randn(2, 6), min_run_time=0.01)
+    assert median > 0 and iqr >= 0
+
+
+@pytest.mark.parametrize("before, after, spreads, words", [
+    (10.0, 4.76, (0.1, 0.1), "2.10x faster"),
+    (4.0, 5.0, (0.1, 0.1), "1.25x slower"),  # never "0.80x faster"
+    (10.0, 9.0, (0.6, 0.5), "no measurable change"),  # |-1.0| <= 1.1: inside the two spreads
+    (10.0, 9.0, (0.5, 0.4), "1.11x faster"),  # 1.0 > 0.9: outside them
+    (9.0, 10.0, (0.5, 0.5), "no measurable change"),  # exactly the sum of the spreads is not beyond it
+    (1000.0, 999.0, (0.0, 0.0), "no measurable change"),  # a real but negligible change that rounds to 1.00x
+    (0.89, 1.74, (0.9, 0.1), "no measurable change"),  # GPU batch-1 noise: spread as wide as the change
+])
+def test_speed_change_words_and_noise_rule(before, after, spreads, words):
+    assert speed_change(before, after, *spreads) == words
+
+
+def test_speed_change_rejects_non_positive_timings():
+    with pytest.raises(ValueError, match="positive"):
+        speed_change(0.0, 1.0, 0.1, 0.1)
+
+
+def test_gpu_headline_is_batch_64_and_batch_1_carries_the_launch_note():
+    assert default_batch_sizes("cuda:0") == (1, GPU_BATCH) == (1, 64) and default_batch_sizes("cpu") == (1,)
+    assert "launch" in launch_note("cuda", 1) and launch_note("cuda", 64) is None and launch_note("cpu", 1) is None
+    gpu = Profile(params=1, size_mb=0.5, macs=2, latency_ms={1: 1.0, 64: 9.0}, latency_iqr_ms={1: 0.5, 64: 0.1},
+                  device="cuda:0", dtype="float32", threads=2)
+    assert gpu.headline_batch == 64 and "launch overhead" in str(gpu)
+    assert Profile(params=1, size_mb=0.5, macs=2, latency_ms={8: 2.0, 2: 1.0}, device="cpu", dtype="float32",
+                   threads=2).headline_batch == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_profile_measures_batch_64_by_default():
+    p = profile(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(1, 3, 32, 32), device="cuda", min_run_time=0.05)
+    assert set(p.latency_ms) == {1, 64} and p.headline_batch == 64

@@ -10,11 +10,12 @@
 from .criteria import CRITERIA
 from .graph import ChannelGraph, GraphError, Group
 from .io import export_onnx, load, load_state_dict_file, save
-from .measure import Profile, latency_ms, profile
+from .measure import Profile, latency_ms, profile, speed_change
 from .models import ModelError, build, three_linear_head, vgg16_layout
 from .pruner import PruneResult, Pruner
 
 __all__ = [
     "CRITERIA", "ChannelGraph", "GraphError", "Group", "ModelError", "Profile", "PruneResult", "Pruner", "build",
-    "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "save", "three_linear_head", "vgg16_layout",
+    "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "save", "speed_change", "three_linear_head",
+    "vgg16_layout",
 ]

@@ -1,12 +1,18 @@
-"""What a model costs: parameters, bytes on disk, multiply-accumulates and measured latency."""
+"""What a model costs: parameters, bytes on disk, multiply-accumulates and measured latency.
+
+Latency is a median with its spread (the interquartile range of block timings), so that a
+comparison can tell a change from noise: see `speed_change`. torch.utils.benchmark's Timer reads
+its clock through torch.accelerator.synchronize() when an accelerator is present, so CUDA timings
+cover the kernels' execution, not only their launch.
+"""
 
 from __future__ import annotations
 
+import logging
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-
-import logging
+from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
@@ -16,9 +22,16 @@ from torch import nn
 # torch on a machine without CUDA; that says nothing about our measurements.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils.benchmark import Timer  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from filterprune.io import state_tensors
+from filterprune.io import state_tensors  # noqa: E402
+from filterprune.utils import evaluating  # noqa: E402
+
+GPU_BATCH = 64  # the batch a GPU is deployed at: the headline there; batch 1 only measures launch overhead
+MIN_SAMPLES = 5  # block timings per median: fewer make the spread meaningless
+WARMUP = 3  # untimed runs first: cuDNN's algorithm search, the allocator, lazy initialisation
+LAUNCH_BOUND = ("on a GPU, batch-1 time is dominated by kernel launch overhead and barely follows MACs: "
+                f"judge speed at batch {GPU_BATCH}")
 
 
 @dataclass
@@ -32,11 +45,20 @@ class Profile:
     device: str
     dtype: str
     threads: int
+    latency_iqr_ms: dict[int, float] = field(default_factory=dict)  # batch size -> interquartile range (ms)
+
+    @property
+    def headline_batch(self) -> int | None:
+        """The batch to judge speed by: GPU_BATCH on a GPU when measured, else the smallest measured."""
+        if not self.latency_ms:
+            return None
+        return GPU_BATCH if self.device.startswith("cuda") and GPU_BATCH in self.latency_ms else min(self.latency_ms)
 
     def as_dict(self) -> dict:
-        """Flat and JSON-ready, one latency_ms_b<N> key per measured batch size."""
+        """Flat and JSON-ready: latency_ms_b<N> and latency_iqr_ms_b<N> keys per measured batch size."""
         out = {"params": self.params, "size_mb": self.size_mb, "macs": self.macs}
         out.update({f"latency_ms_b{b}": ms for b, ms in sorted(self.latency_ms.items())})
+        out.update({f"latency_iqr_ms_b{b}": ms for b, ms in sorted(self.latency_iqr_ms.items())})
         out.update(device=self.device, dtype=self.dtype, threads=self.threads)
         return out
 
@@ -46,37 +68,74 @@ class Profile:
             ("size on disk", f"{self.size_mb:.2f} MB"),
             ("compute", f"{self.macs / 1e6:.1f} MMACs per example"),
         ]
-        rows += [(f"latency, batch {b}", f"{ms:.2f} ms (median)") for b, ms in sorted(self.latency_ms.items())]
+        for b, ms in sorted(self.latency_ms.items()):
+            iqr = self.latency_iqr_ms.get(b)
+            spread = f" ± {iqr / 2:.2f} (IQR {iqr:.2f})" if iqr is not None else ""
+            rows.append((f"latency, batch {b}", f"{ms:.2f} ms (median){spread}" + (" *" if b == self.headline_batch else "")))
         rows.append(("measured on", f"{self.device}, {self.dtype}, {self.threads} threads"))
-        return "\n".join(f"{k:<18} {v}" for k, v in rows)
+        notes = [f"* headline batch ({'the deployment batch on a GPU' if self.device.startswith('cuda') else 'smallest measured'})"]
+        if self.device.startswith("cuda") and 1 in self.latency_ms:
+            notes.append(f"batch 1: {LAUNCH_BOUND}")
+        return "\n".join([*(f"{k:<18} {v}" for k, v in rows), *notes])
+
+
+def default_batch_sizes(device: str | torch.device) -> tuple[int, ...]:
+    """(1, GPU_BATCH) on a GPU, where batch 1 is launch-bound; (1,) elsewhere."""
+    return (1, GPU_BATCH) if str(device).startswith("cuda") else (1,)
+
+
+def launch_note(device: str | torch.device, batch: int) -> str | None:
+    """The caveat to print beside a batch-`batch` latency on `device`, or None."""
+    return LAUNCH_BOUND if str(device).startswith("cuda") and batch == 1 else None
+
+
+def speed_change(before_ms: float, after_ms: float, before_spread: float, after_spread: float) -> str:
+    """'2.10x faster', '1.25x slower', or 'no measurable change'.
+
+    The rule: a change counts only when |after - before| exceeds before_spread + after_spread
+    (two timings' spreads, e.g. their IQRs, added: each median can sit anywhere in its own
+    spread), and when the ratio does not round to 1.00x. A slow-down is written as the factor
+    it is slower by, never as a "faster" factor below 1.
+    """
+    if before_ms <= 0 or after_ms <= 0:
+        raise ValueError(f"timings must be positive milliseconds, got {before_ms} and {after_ms}")
+    if abs(after_ms - before_ms) <= abs(before_spread) + abs(after_spread):
+        return "no measurable change"
+    ratio = before_ms / after_ms
+    if round(ratio, 2) == 1.0 or round(1 / ratio, 2) == 1.0:
+        return "no measurable change"
+    return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
 
 
 def profile(
     model: nn.Module,
     example_inputs,
-    batch_sizes: tuple[int, ...] = (1,),
+    batch_sizes: tuple[int, ...] | None = None,
     device: str | None = None,
     threads: int | None = None,
     min_run_time: float = 0.5,
     latency: bool = True,
 ) -> Profile:
-    """Count parameters, size and MACs of `model` and time it at each batch size."""
+    """Count parameters, size and MACs of `model` and time it at each batch size
+    (default: `default_batch_sizes(device)`, so batch 64 on a GPU)."""
     inputs = _as_tuple(example_inputs)
     threads = threads or torch.get_num_threads()
     tensors, _ = state_tensors(model)
+    times: dict[int, tuple[float, float]] = {}
     with _measuring(model, device) as dev:
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             model(*_batch(inputs, 1, dev))
-        times = {
-            b: _median_ms(model, _batch(inputs, b, dev), threads, min_run_time) for b in batch_sizes if latency
-        }
+        if latency:
+            for b in batch_sizes or default_batch_sizes(dev):
+                times[b] = _timed_ms(model, _batch(inputs, b, dev), threads, min_run_time)
     params = list(model.parameters())
     dtype = params[0].dtype if params else inputs[0].dtype
     return Profile(
         params=sum(p.numel() for p in params),
         size_mb=len(safetensors.torch.save(tensors)) / 1e6,
         macs=counter.get_total_flops() // 2,  # FlopCounterMode counts a multiply-add as 2 FLOPs
-        latency_ms=times,
+        latency_ms={b: median for b, (median, _) in times.items()},
+        latency_iqr_ms={b: iqr for b, (_, iqr) in times.items()},
         device=str(dev),
         dtype=str(dtype).removeprefix("torch."),
         threads=threads,
@@ -87,31 +146,46 @@ def latency_ms(
     model: nn.Module, inputs, device: str | None = None, threads: int | None = None, min_run_time: float = 0.5
 ) -> float:
     """Median milliseconds of one forward pass of `model` on `inputs` (eval mode, inference mode)."""
+    return latency_spread_ms(model, inputs, device, threads, min_run_time)[0]
+
+
+def latency_spread_ms(
+    model: nn.Module, inputs, device: str | None = None, threads: int | None = None, min_run_time: float = 0.5
+) -> tuple[float, float]:
+    """(median, interquartile range) in milliseconds of one forward pass of `model` on `inputs`."""
     with _measuring(model, device) as dev:
         batch = tuple(x.to(dev) for x in _as_tuple(inputs))
-        return _median_ms(model, batch, threads or torch.get_num_threads(), min_run_time)
+        return _timed_ms(model, batch, threads or torch.get_num_threads(), min_run_time)
 
 
-def _median_ms(model: nn.Module, inputs: tuple, threads: int, min_run_time: float) -> float:
+def _timed_ms(model: nn.Module, inputs: tuple, threads: int, min_run_time: float) -> tuple[float, float]:
+    """Median and IQR over at least MIN_SAMPLES block timings, after WARMUP untimed runs."""
     timer = Timer("model(*inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads)
-    # Timer runs the statement in this thread, so the inference mode set here applies to it;
-    # blocked_autorange runs it untimed first to size its blocks, which also warms it up.
+    times: list[float] = []
+    # Timer runs the statement in this thread, so the inference mode set here applies to it.
     with torch.inference_mode():
-        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+        for _ in range(WARMUP):
+            model(*inputs)
+        # A model slower than min_run_time gives one block per call: call again until the
+        # spread rests on enough samples.
+        while len(times) < MIN_SAMPLES:
+            times += timer.blocked_autorange(min_run_time=min_run_time).times
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median * 1e3, (q3 - q1) * 1e3
 
 
 @contextmanager
 def _measuring(model: nn.Module, device: str | None) -> Iterator[torch.device]:
-    """Put the model in eval mode on `device`, and give back its mode and device afterwards."""
+    """Every module in eval mode, the model on `device`; afterwards each module's mode and the device back."""
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     dev = torch.device(device) if device is not None else home
-    was_training = model.training
-    model.eval().to(dev)
-    try:
-        yield dev
-    finally:
-        model.train(was_training).to(home)
+    with evaluating(model):
+        model.to(dev)
+        try:
+            yield dev
+        finally:
+            model.to(home)
 
 
 def _as_tuple(inputs) -> tuple:

@@ -8,13 +8,15 @@ from filterprune.report import headline_table, write_report
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def summary(accuracy, size_mb, params, macs, b1, b64, **extra):
+def summary(accuracy, size_mb, params, macs, b1, b64, iqr=(0.1, 1.0), **extra):
     return {"accuracy": accuracy, "accuracy_800": accuracy + 0.01, "size_mb": size_mb, "params": params, "macs": macs,
-            "latency_ms_b1": b1, "latency_ms_b64": b64, "threads": 2, "device": "cpu", "dtype": "float32", **extra}
+            "latency_ms_b1": b1, "latency_ms_b64": b64, "latency_iqr_ms_b1": iqr[0], "latency_iqr_ms_b64": iqr[1],
+            "threads": 2, "device": "cpu", "dtype": "float32", **extra}
 
 
 def synthetic() -> dict:
-    """3 layers, 2 iterations: the pruned network is 3.2x smaller and 2.0x faster at batch 1, 1.25x at batch 64."""
+    """3 layers, 2 iterations: the pruned network is 3.2x smaller and 2.0x faster at batch 1; at batch 64 50 -> 40 ms
+    is a change (10 ms) beyond the spreads (1 + 1 ms). The control's batch 64, 51 ms, is within them of 50 ms."""
     return {
         "config": {"step": 0.12, "iterations": 2},
         "task": {"pair": ["Shirt", "T-shirt/top"], "train_images": 2000, "test_images": 2000, "blog_test_images": 800},
@@ -25,13 +27,18 @@ def synthetic() -> dict:
         "iterations": [
             {"iteration": 1, "removed": 13, "removed_per_group": {"features.0": 7, "classifier.0": 6},
              "channels": {"features.0": 9, "features.3": 32, "classifier.0": 58}, "accuracy": 0.92, "loss": 0.2,
-             "macs": 25_000_000, "params": 1_200_000, "size_mb": 5.0, "latency_ms_b1": 3.0, "wall_s": 10.0, "train_loss": 0.3},
+             "macs": 25_000_000, "params": 1_200_000, "size_mb": 5.0, "latency_ms_b1": 3.0, "latency_iqr_ms_b1": 0.1,
+             "wall_s": 10.0, "train_loss": 0.3, "check": "exact"},
             {"iteration": 2, "removed": 13, "removed_per_group": {"features.3": 13},
              "channels": {"features.0": 9, "features.3": 19, "classifier.0": 58}, "accuracy": 0.9175, "loss": 0.25,
-             "macs": 12_000_000, "params": 600_000, "size_mb": 2.5, "latency_ms_b1": 2.0, "wall_s": 20.0, "train_loss": 0.35},
+             "macs": 12_000_000, "params": 600_000, "size_mb": 2.5, "latency_ms_b1": 4.05, "latency_iqr_ms_b1": 0.1,
+             "wall_s": 20.0, "train_loss": 0.35, "check": "forward-only"},
         ],
         "stopped": "2 iterations done",
-        "blog": {"accuracy": [0.987, 0.975], "size_mb": [538.0, 150.0], "latency_ms_b1": [780.0, 277.0]},
+        "labels": {"accuracy_800": "accuracy, 800 test images"},
+        "reference": {"label": "paper", "note": "one image on an i7 CPU", "before": {"accuracy_800": 0.987, "size_mb": 538.0,
+                      "latency_ms_b1": 780.0}, "after": {"accuracy_800": 0.975, "size_mb": 150.0, "latency_ms_b1": 277.0}},
+        "skipped": ["head.norm: F.layer_norm over a dimension that is not channels"],
         "targets": {"latency_b1": 3.0, "size": 3.0, "max_accuracy_drop_points": 1.0},
         "wall_s": 123.4,
     }
@@ -55,11 +62,16 @@ def test_markdown_numbers_come_from_the_dict(tmp_path):
     assert "| accuracy, all 2000 test images | 93.15% | 94.00% | 92.55% | -0.60 points |" in md
     assert "| size on disk (MB) | 8.00 | 8.00 | 2.50 | 3.2x smaller | 538 | 150 | 3.6x smaller |" in md
     assert "| MACs per image | 40.00 M | 40.00 M | 12.00 M | 3.3x fewer |" in md
-    assert "| latency, batch 64 (ms) | 50.00 | 51.00 | 40.00 | 1.2x faster |" in md
-    assert "98.70% | 97.50% | -1.20 points |" in md  # the blog's accuracy, on the row of its 800 test images
-    assert "cpu, float32, 2 threads" in md
-    assert "| 2 | 13 | 91.75% | 3.33x | 2.50 | 2.00 |" in md  # the second iteration
-    # blog-style: filters removed per layer in the first iteration, in network order, and channels before -> after
+    assert "| latency, batch 64 (ms) | 50.00 | 51.00 | 40.00 | 1.25x faster |" in md
+    assert "| latency, batch 1 (ms) | 4.00 | 4.10 | 2.00 | 2.00x faster | 780 | 277 | 2.82x faster (spread not measured) |" in md
+    # the reference's accuracy, on the row of the key it names
+    assert "| accuracy, 800 test images | 94.15% | 95.00% | 93.55% | -0.60 points | 98.70% | 97.50% | -1.20 points |" in md
+    assert "cpu, float32, 2 threads" in md and "headline: batch 1" in md and "paper: one image on an i7 CPU" in md
+    assert "| 1 | 13 | 92.00% | 1.60x | 5.00 | 3.00 | 1.33x faster | exact |" in md
+    # 4.00 -> 4.05 ms with spreads 0.1 + 0.1: no claim, and a slow-down is never "0.99x faster"
+    assert "| 2 | 13 | 91.75% | 3.33x | 2.50 | 4.05 | no measurable change | forward-only |" in md
+    assert "## Left out of pruning" in md and "- head.norm: F.layer_norm over a dimension that is not channels" in md
+    # filters removed per layer in the first iteration, in network order, and channels before -> after
     assert "features.0: 7, features.3: 0, classifier.0: 6." in md
     assert "| features.3 | 0 | 32 | 19 | 59% |" in md
     assert "2 iterations done" in md and "123 s" in md
@@ -78,7 +90,7 @@ def test_rejected_iteration_is_marked_and_its_channels_not_counted(tmp_path):
 
 def test_targets_met_and_missed_from_the_numbers(tmp_path):
     md = write_report(synthetic(), tmp_path)["markdown"].read_text()
-    assert "- 3.0x faster at batch 1: reached 2.00x — **MISSED**" in md
+    assert "- 3.0x faster at batch 1: reached 2.00x faster — **MISSED**" in md
     assert "- 3.0x smaller on disk: reached 3.20x — **MET**" in md
     # Judged against the control (94.00%), not the weaker baseline (93.15%).
     assert "- lose at most 1.0 accuracy points against the control: lost 1.45 points — **MISSED**" in md
@@ -91,17 +103,54 @@ def test_targets_met_and_missed_from_the_numbers(tmp_path):
 
 def test_without_control_blog_targets_and_optional_numbers(tmp_path):
     report = synthetic()
-    for key in ("control", "blog", "targets", "task", "config"):
+    for key in ("control", "reference", "targets", "task", "config", "skipped", "labels"):
         del report[key]
     for name in ("baseline", "pruned"):
         del report[name]["accuracy_800"], report[name]["latency_ms_b64"]
+    for it in report["iterations"]:
+        del it["check"]
     paths = write_report(report, tmp_path)
     md = paths["markdown"].read_text()
-    assert "control" not in md and "blog VGG16" not in md and "## Targets" not in md and "batch 64" not in md
+    assert "control" not in md and "paper" not in md and "## Targets" not in md and "batch 64" not in md
+    assert "Left out" not in md and "verified by" not in md
     assert "| accuracy, test images | 93.15% | 92.55% | -0.60 points |" in md
     assert headline_table(report) in md
     assert json.loads(paths["json"].read_text()) == report
     assert paths["latency_size"].read_bytes().startswith(PNG)
+
+
+def test_slowdowns_and_noise_in_every_claim(tmp_path):
+    report = synthetic()
+    report["pruned"].update(latency_ms_b1=5.0, latency_ms_b64=49.5)  # 4 -> 5 ms: slower; 50 -> 49.5: inside 1 + 1 ms
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    assert "| latency, batch 1 (ms) | 4.00 | 4.10 | 5.00 | 1.25x slower |" in md
+    assert "| latency, batch 64 (ms) | 50.00 | 51.00 | 49.50 | no measurable change |" in md
+    assert "latency: 1.25x slower at batch 1 on cpu" in md
+    assert "- 3.0x faster at batch 1: reached 1.25x slower — **MISSED**" in md
+    assert "0.80x" not in md and "1.0x faster" not in md
+    report["targets"] = {"latency_b64": 1.0}  # 50 -> 49.5 ms is 1.01x, but inside the noise: not met
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    assert "- 1.0x faster at batch 64: reached no measurable change — **MISSED**" in md
+
+
+def test_on_a_gpu_the_headline_is_batch_64_and_batch_1_is_marked_launch_bound(tmp_path):
+    report = synthetic()
+    for name in ("baseline", "control", "pruned"):
+        report[name]["device"] = "cuda:0"
+    report["pruned"].update(latency_ms_b1=4.2, latency_iqr_ms_b1=0.3)  # 4.0 -> 4.2 ms at batch 1: launch noise
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    assert "latency: 1.25x faster at batch 64 on cuda:0" in md and "headline: batch 64" in md
+    assert "batch 1: on a GPU, batch-1 time is dominated by kernel launch overhead" in md
+    assert "| latency, batch 1 (ms) | 4.00 | 4.10 | 4.20 | no measurable change |" in md
+
+
+def test_the_old_blog_form_is_still_read(tmp_path):
+    report = synthetic()
+    del report["reference"]
+    report["blog"] = {"accuracy": [0.987, 0.975], "size_mb": [538.0, 150.0], "latency_ms_b1": [780.0, 277.0]}
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    assert "| size on disk (MB) | 8.00 | 8.00 | 2.50 | 3.2x smaller | 538 | 150 | 3.6x smaller |" in md
+    assert "| 94.15% | 95.00% | 93.55% | -0.60 points | 98.70% | 97.50% | -1.20 points |" in md
 
 
 def test_full_disk_names_the_file_and_keeps_the_old_report(tmp_path, monkeypatch):

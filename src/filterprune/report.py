@@ -1,27 +1,38 @@
 """The report of a pruning run: report.json (the numbers), report.md (the story) and PNG plots.
 
-Every file goes through a temporary file and os.replace, so a crash or a full disk never leaves
-a half-written report, and a failed write leaves the previous report as it was.
+Every file is written atomically (utils.atomic_path), so a crash or a full disk never leaves a
+half-written report, and a failed write leaves the previous report as it was.
+
+Every "faster"/"slower" goes through measure.speed_change: a change inside the measured spread
+(latency_iqr_ms_b<N>) reads "no measurable change". On a GPU the headline latency is batch 64.
+
+Keys read from the report dict, besides baseline/pruned/control summaries and iterations:
+  skipped: list of strings, ops left out of pruning and why (a section when non-empty);
+  iterations[i]["check"]: "exact" | "forward-only", which check verified that removal;
+  labels: {summary key: row label}, e.g. {"accuracy_800": "accuracy, 800 test images"};
+  reference: {"label": str, "note": str, "before": {summary key: value}, "after": {...}},
+    published figures shown beside ours (their keys are ours: "accuracy_800", "latency_ms_b1"...).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
+import re
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global figures, no display needed
 
+from .measure import GPU_BATCH, launch_note, speed_change
+from .utils import atomic_path, atomic_write
+
 DPI = 110
 COLORS = {"baseline": "tab:gray", "control": "tab:green", "pruned": "tab:blue"}
-# (key in the summaries, row label, kind); the accuracy rows are labelled with their test-set sizes
-ROWS = [("accuracy", "", "acc"), ("accuracy_800", "", "acc"),
-        ("size_mb", "size on disk (MB)", "mb"), ("params", "parameters", "count"), ("macs", "MACs per image", "count"),
-        ("latency_ms_b1", "latency, batch 1 (ms)", "ms"), ("latency_ms_b64", "latency, batch 64 (ms)", "ms")]
-WORDS = {"mb": ("smaller", "larger"), "count": ("fewer", "more"), "ms": ("faster", "slower")}
+# (key in the summaries, row label, kind); accuracy and latency rows are found in the summaries
+ROWS = [("size_mb", "size on disk (MB)", "mb"), ("params", "parameters", "count"), ("macs", "MACs per image", "count")]
+WORDS = {"mb": ("smaller", "larger"), "count": ("fewer", "more")}
 TARGETS = {"latency_b1": ("latency_ms_b1", "faster at batch 1"), "latency_b64": ("latency_ms_b64", "faster at batch 64"),
            "size": ("size_mb", "smaller on disk"), "macs": ("macs", "fewer MACs per image"), "params": ("params", "fewer parameters")}
+LATENCY = re.compile(r"latency_ms_b(\d+)$")
 
 
 def _value(kind: str, v) -> str:
@@ -35,7 +46,7 @@ def _value(kind: str, v) -> str:
 
 
 def _change(kind: str, before, after) -> str:
-    """How `after` compares with `before`: '-0.55 points', '3.1x smaller', '1.2x slower'."""
+    """How `after` compares with `before`: '-0.55 points', '3.1x smaller'. Latency: see _speed."""
     if before is None or after is None:
         return "–"
     if kind == "acc":
@@ -44,6 +55,28 @@ def _change(kind: str, before, after) -> str:
         return "–"
     ratio, (better, worse) = before / after, WORDS[kind]
     return f"{ratio:.1f}x {better}" if ratio >= 1 else f"{1 / ratio:.1f}x {worse}"
+
+
+def _speed(before: dict, after: dict, batch: int) -> str:
+    """speed_change of two summaries at `batch`, with their spreads; says so where a spread was not measured."""
+    key, spread = f"latency_ms_b{batch}", f"latency_iqr_ms_b{batch}"
+    if not before.get(key) or not after.get(key):
+        return "–"
+    if spread in before and spread in after:
+        return speed_change(before[key], after[key], before[spread], after[spread])
+    return speed_change(before[key], after[key], 0.0, 0.0) + " (spread not measured)"
+
+
+def _batches(*summaries: dict) -> list[int]:
+    return sorted({int(m.group(1)) for s in summaries for k in s if (m := LATENCY.match(k))})
+
+
+def _headline_batch(summary: dict) -> int | None:
+    """GPU_BATCH on a GPU where measured (batch 1 there is launch overhead), else the smallest measured batch."""
+    batches = _batches(summary)
+    if str(summary.get("device", "")).startswith("cuda") and GPU_BATCH in batches:
+        return GPU_BATCH
+    return batches[0] if batches else None
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -56,29 +89,60 @@ def _final_channels(report: dict) -> dict:
     return kept[-1]["channels"] if kept else report.get("channels_before", {})
 
 
-def headline_table(report: dict) -> str:
-    """Baseline, control, pruned and the blog side by side, as a markdown table and one line on how latency was measured."""
-    base, pruned, control, blog = report["baseline"], report["pruned"], report.get("control"), report.get("blog")
-    task = report.get("task", {})
-    header = ["", "baseline", *([f"control (+{control.get('extra_epochs', '?')} epochs)"] if control else []),
-              "pruned", "pruned vs baseline", *(["blog VGG16 before", "blog after", "blog change"] if blog else [])]
+def _reference(report: dict) -> dict | None:
+    """report["reference"]; the old report["blog"] form ({key: (before, after)}) is read into it."""
+    if "reference" in report:
+        return report["reference"]
+    if old := report.get("blog"):  # remove once the demo recipe passes "reference"
+        accuracy = "accuracy_800" if "accuracy_800" in report["baseline"] else "accuracy"
+        rename = {"accuracy": accuracy}
+        return {"label": "blog", "note": "", "before": {rename.get(k, k): v[0] for k, v in old.items()},
+                "after": {rename.get(k, k): v[1] for k, v in old.items()}}
+    return None
+
+
+def _rows(report: dict) -> list[tuple[str, str, str]]:
+    """(key, label, kind) for every row the summaries have: accuracies, then size, params, MACs, then latencies."""
+    base, pruned, task = report["baseline"], report["pruned"], report.get("task", {})
     labels = {"accuracy": f"accuracy, all {task['test_images']} test images" if "test_images" in task else "accuracy, test images",
-              "accuracy_800": f"accuracy, the blog's {task.get('blog_test_images', 800)} test images"}
-    # the blog's figures: its accuracy is on its 800 test images, its latency for one image
-    blog_keys = {"accuracy_800" if "accuracy_800" in base else "accuracy": "accuracy", "size_mb": "size_mb", "latency_ms_b1": "latency_ms_b1"}
+              **report.get("labels", {})}
+    accuracies = [k for k in dict.fromkeys([*base, *pruned]) if k == "accuracy" or k.startswith("accuracy_")]
+    rows = [(k, labels.get(k, f"accuracy ({k.removeprefix('accuracy_')})"), "acc") for k in accuracies]
+    rows += [(k, label, kind) for k, label, kind in ROWS if k in base or k in pruned]
+    return rows + [(f"latency_ms_b{b}", f"latency, batch {b} (ms)", "ms") for b in _batches(base, pruned)]
+
+
+def _cells(kind: str, key: str, before: dict, after: dict) -> str:
+    if kind == "ms":
+        return _speed(before, after, int(LATENCY.match(key).group(1)))
+    return _change(kind, before.get(key), after.get(key))
+
+
+def headline_table(report: dict) -> str:
+    """Baseline, control, pruned and a reference (published figures) side by side, as a markdown table
+    and a note on how latency was measured."""
+    base, pruned, control, ref = report["baseline"], report["pruned"], report.get("control"), _reference(report)
+    header = ["", "baseline", *([f"control (+{control.get('extra_epochs', '?')} epochs)"] if control else []),
+              "pruned", "pruned vs baseline", *([f"{ref['label']} before", f"{ref['label']} after", f"{ref['label']} change"] if ref else [])]
     rows = []
-    for key, label, kind in ROWS:
-        if key not in base and key not in pruned:
-            continue
-        row = [labels.get(key, label), _value(kind, base.get(key)), *([_value(kind, control.get(key))] if control else []),
-               _value(kind, pruned.get(key)), _change(kind, base.get(key), pruned.get(key))]
-        if blog:
-            before, after = blog.get(blog_keys.get(key), (None, None))
-            row += [_value(kind, before), _value(kind, after), _change(kind, before, after)] if before is not None else ["", "", ""]
+    for key, label, kind in _rows(report):
+        row = [label, _value(kind, base.get(key)), *([_value(kind, control.get(key))] if control else []),
+               _value(kind, pruned.get(key)), _cells(kind, key, base, pruned)]
+        if ref:
+            before, after = ref["before"].get(key), ref["after"].get(key)
+            row += [_value(kind, before), _value(kind, after), _cells(kind, key, ref["before"], ref["after"])] \
+                if before is not None else ["", "", ""]
         rows.append(row)
-    note = (f"Latency: median milliseconds per batch on {base.get('device', '?')}, {base.get('dtype', '?')}, "
-            f"{base.get('threads', '?')} threads" + ("; the blog's: one image on an i7 CPU (its 800 test images for accuracy)." if blog else "."))
-    return _table(header, rows) + "\n\n" + note
+    device, batch = base.get("device", "?"), _headline_batch(base)
+    note = (f"Latency: median milliseconds per batch on {device}, {base.get('dtype', '?')}, {base.get('threads', '?')} threads; "
+            "a change within the two timings' interquartile ranges reads \"no measurable change\"")
+    if batch is not None:
+        note += f"; headline: batch {batch}"
+    if 1 in _batches(base) and (caveat := launch_note(device, 1)):
+        note += f"; batch 1: {caveat}"
+    if ref and ref.get("note"):
+        note += f"; {ref['label']}: {ref['note']}"
+    return _table(header, rows) + "\n\n" + note + "."
 
 
 def _summary(report: dict) -> str:
@@ -86,23 +150,27 @@ def _summary(report: dict) -> str:
     before, after = sum(report.get("channels_before", {}).values()), sum(_final_channels(report).values())
     its = report.get("iterations", [])
     rejected = sum(1 for it in its if it.get("rejected"))
+    batch = _headline_batch(base)
+    speed = (f"{_speed(base, pruned, batch)} at batch {batch}" if batch is not None else "not timed") + f" on {base.get('device', '?')}"
     text = f"On {' vs '.join(task['pair'])} ({task.get('train_images', '?')} training images), " if "pair" in task else ""
     text += (f"pruning removed {before - after} of {before} channels ({100 * (before - after) / max(before, 1):.0f}%) in "
              f"{len(its) - rejected} iterations" + (f" ({rejected} more rejected)" if rejected else "") +
              f" and stopped because: {report.get('stopped', 'not recorded')}. "
              f"The pruned network needs {_change('count', base['macs'], pruned['macs'])} MACs per image, is "
              f"{_change('mb', base['size_mb'], pruned['size_mb'])} on disk ({_value('mb', base['size_mb'])} -> "
-             f"{_value('mb', pruned['size_mb'])} MB) and is {_change('ms', base.get('latency_ms_b1'), pruned.get('latency_ms_b1'))} "
-             f"at batch 1 on {base.get('device', '?')}. On the test images its accuracy is {_value('acc', pruned['accuracy'])}, "
+             f"{_value('mb', pruned['size_mb'])} MB) and its latency: {speed}. "
+             f"On the test images its accuracy is {_value('acc', pruned['accuracy'])}, "
              f"against {_value('acc', base['accuracy'])} before pruning ({_change('acc', base['accuracy'], pruned['accuracy'])})")
     if control:
         text += (f" and {_value('acc', control['accuracy'])} for the control, the unpruned network fine-tuned for the same "
                  f"{control.get('extra_epochs', '?')} extra epochs ({_change('acc', control['accuracy'], pruned['accuracy'])})")
     text += "."
-    blog = [f"{_value(kind, pair[0])} to {_value(kind, pair[1])}{unit}" for key, kind, unit in
-            (("accuracy", "acc", ""), ("size_mb", "mb", " MB"), ("latency_ms_b1", "ms", " ms per image"))
-            if (pair := report.get("blog", {}).get(key))]
-    return text + (f" For comparison, the blog's VGG16 on Dogs vs Cats went from {', '.join(blog)}." if blog else "")
+    if ref := _reference(report):
+        pairs = [f"{label} {_value(kind, ref['before'][key])} -> {_value(kind, ref['after'][key])}"
+                 for key, label, kind in _rows({"baseline": ref["before"], "pruned": ref["after"], "labels": report.get("labels", {})})
+                 if key in ref["before"] and key in ref["after"]]
+        text += f" For comparison, {ref['label']}" + (f" ({ref['note']})" if ref.get("note") else "") + f": {'; '.join(pairs)}."
+    return text
 
 
 def _targets(report: dict) -> list[str]:
@@ -117,35 +185,53 @@ def _targets(report: dict) -> list[str]:
         elif name in TARGETS and base.get(TARGETS[name][0]) and pruned.get(TARGETS[name][0]):
             key, words = TARGETS[name]
             reached = base[key] / pruned[key]
-            lines.append(f"- {goal}x {words}: reached {reached:.2f}x — **{'MET' if reached >= goal else 'MISSED'}**")
+            if match := LATENCY.match(key):  # a speed-up counts only beyond the noise, and is worded by speed_change
+                said = _speed(base, pruned, int(match.group(1)))
+                met = reached >= goal and said.endswith("faster")
+            else:
+                said, met = f"{reached:.2f}x", reached >= goal
+            lines.append(f"- {goal}x {words}: reached {said} — **{'MET' if met else 'MISSED'}**")
         else:
             lines.append(f"- {name} = {goal}: NOT CHECKED (no numbers for it in this report)")
     return lines
 
 
+def _iteration_rows(report: dict) -> tuple[list[str], list[list]]:
+    base, iterations, pruned = report["baseline"], report.get("iterations", []), report["pruned"]
+    batches = _batches(*iterations) or _batches(base)
+    batch = _headline_batch(base) if _headline_batch(base) in batches else (batches[0] if batches else None)
+    key = f"latency_ms_b{batch}"
+    checks = any("check" in it for it in iterations)
+    header = ["iteration", "channels removed", "accuracy", "MACs reduction", "size (MB)", f"latency b{batch} (ms)",
+              "speed vs baseline", *(["verified by"] if checks else [])]
+
+    def row(name, removed, summary, check=""):
+        speed = _speed(base, summary, batch) if batch and summary is not base else ""
+        return [name, removed, _value("acc", summary["accuracy"]), f"{base['macs'] / summary['macs']:.2f}x",
+                _value("mb", summary["size_mb"]), _value("ms", summary.get(key)), speed, *([check] if checks else [])]
+
+    rows = [row("0 (baseline)", "", base)]
+    rows += [row(f"{it['iteration']}{' (rejected: lost too much accuracy)' if it.get('rejected') else ''}", it["removed"], it,
+                 it.get("check", "–")) for it in iterations]
+    return header, rows + [row("final (after final fine-tune)", "", pruned)]
+
+
 def _markdown(report: dict, plots: dict[str, Path]) -> str:
-    base, iterations = report["baseline"], report.get("iterations", [])
+    iterations = report.get("iterations", [])
     parts = ["# Pruning report", _summary(report), "## Headline", headline_table(report)]
     if targets := _targets(report):
         parts += ["## Targets", "\n".join(targets)]
-    rows = [["0 (baseline)", "", _value("acc", base["accuracy"]), "1.00x", _value("mb", base["size_mb"]), _value("ms", base.get("latency_ms_b1"))]]
-    for it in iterations:
-        rows.append([f"{it['iteration']}{' (rejected: lost too much accuracy)' if it.get('rejected') else ''}", it["removed"],
-                     _value("acc", it["accuracy"]), f"{base['macs'] / it['macs']:.2f}x", _value("mb", it["size_mb"]),
-                     _value("ms", it.get("latency_ms_b1"))])
-    pruned = report["pruned"]
-    rows.append(["final (after final fine-tune)", "", _value("acc", pruned["accuracy"]), f"{base['macs'] / pruned['macs']:.2f}x",
-                 _value("mb", pruned["size_mb"]), _value("ms", pruned.get("latency_ms_b1"))])
-    parts += ["## Iterations", _table(["iteration", "channels removed", "accuracy", "MACs reduction", "size (MB)",
-                                       "latency b1 (ms)"], rows)]
+    parts += ["## Iterations", _table(*_iteration_rows(report))]
     if before := report.get("channels_before"):
         first = iterations[0].get("removed_per_group", {}) if iterations else {}
         after = _final_channels(report)
-        parts += ["## Layers", "Filters removed per layer in the first iteration (like the blog's \"Layer 0: 6, Layer 2: 1, ...\"): "
+        parts += ["## Layers", "Filters removed per layer in the first iteration: "
                   + ", ".join(f"{name}: {first.get(name, 0)}" for name in before) + ".",
                   _table(["layer", "removed in iteration 1", "channels before", "channels after", "kept"],
                          [[name, first.get(name, 0), n, after.get(name, n), f"{100 * after.get(name, n) / n:.0f}%"]
                           for name, n in before.items()])]
+    if skipped := report.get("skipped"):
+        parts += ["## Left out of pruning", "These ops' channels were not pruned:\n\n" + "\n".join(f"- {s}" for s in skipped)]
     parts += ["## Run", f"Stopped: {report.get('stopped', 'not recorded')}.",
               f"Wall time: {report['wall_s']:.0f} s ({report['wall_s'] / 60:.1f} min)." if "wall_s" in report else "Wall time: not recorded."]
     if plots:
@@ -188,37 +274,21 @@ def _plot_channels(report: dict) -> Figure:
 
 
 def _plot_cost(report: dict) -> Figure:
+    base, pruned = report["baseline"], report["pruned"]
     models = [(n, report[n]) for n in ("baseline", "control", "pruned") if report.get(n)]
-    panels = [(k, t) for k, t in (("latency_ms_b1", "latency, batch 1 (ms)"), ("latency_ms_b64", "latency, batch 64 (ms)"),
-                                  ("size_mb", "size on disk (MB)")) if k in report["baseline"] and k in report["pruned"]]
+    panels = [(f"latency_ms_b{b}", f"latency, batch {b} (ms)" + (" (launch-bound)" if launch_note(base.get("device", ""), b) else ""))
+              for b in _batches(base) if b in _batches(pruned)]
+    panels += [("size_mb", "size on disk (MB)")] if "size_mb" in base and "size_mb" in pruned else []
     fig = Figure(figsize=(3.2 * len(panels) + 0.6, 3.8), layout="constrained")
     for ax, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         shown, kind = [(n, m[key]) for n, m in models if m.get(key) is not None], "mb" if key == "size_mb" else "ms"
         bars = ax.bar([n for n, _ in shown], [v for _, v in shown], color=[COLORS[n] for n, _ in shown])
         ax.bar_label(bars, [_value(kind, v) for _, v in shown], fontsize=8)
         ax.set_ylim(0, 1.15 * max(v for _, v in shown))
-        ax.set_title(f"{title}\npruned: {_change(kind, report['baseline'][key], report['pruned'][key])}", fontsize=10)
-    base = report["baseline"]
+        change = _cells(kind, key, base, pruned) if kind == "ms" else _change(kind, base[key], pruned[key])
+        ax.set_title(f"{title}\npruned: {change}", fontsize=10)
     fig.suptitle(f"Cost on {base.get('device', '?')}, {base.get('dtype', '?')}, {base.get('threads', '?')} threads (lower is better)", fontsize=10)
     return fig
-
-
-def _write(path: Path, write) -> None:
-    """Write through `path`.tmp and os.replace; on failure remove only the temp file and say what to do."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if not isinstance(err, OSError):
-            raise
-        raise OSError(err.errno, f"could not write {path} ({err.strerror or err}): free some disk space or choose another "
-                      f"output folder; files already in {path.parent} were left as they were") from err
 
 
 def write_report(report: dict, out: str | Path) -> dict[str, Path]:
@@ -232,10 +302,10 @@ def write_report(report: dict, out: str | Path) -> dict[str, Path]:
               "latency_size": _plot_cost}
     plots = {name: out / f"{name}.png" for name, make in makers.items() if make}
     paths = {"json": out / "report.json", "markdown": out / "report.md", **plots}
-    texts = {"json": json.dumps(report, indent=2).encode(), "markdown": _markdown(report, plots).encode()}  # fail before writing
+    texts = {"json": json.dumps(report, indent=2), "markdown": _markdown(report, plots)}  # fail before writing
     for name, path in plots.items():
-        fig = makers[name](report)
-        _write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"))
+        with atomic_path(path) as tmp:
+            makers[name](report).savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     for name in ("markdown", "json"):  # the JSON last: a new report.json means the whole report is new
-        _write(paths[name], lambda f: f.write(texts[name]))
+        atomic_write(paths[name], texts[name])
     return paths

@@ -18,9 +18,10 @@ from torch import nn
 
 import filterprune as fp
 from filterprune import cli
-from filterprune.criteria import CRITERIA
+from filterprune.criteria import CRITERIA, weight_scores
 from filterprune.graph import Group
-from filterprune.oracle import lowest_share, oracle, run_study, spearman_scopes, write_study
+from filterprune.oracle import oracle
+from filterprune.study import lowest_share, run_study, spearman_scopes, study_result, write_study
 from filterprune.surgery import remove_units
 
 
@@ -178,21 +179,48 @@ def float_batches(n=12, classes=3):
     return [(x.float(), y) for x, y in batches(n=n, classes=classes, split=n // 2)]
 
 
-def test_study_writes_the_table_in_the_documented_schema(tmp_path):
-    torch.manual_seed(3)
-    model = Chain().eval()
-    result = run_study(model, float_batches(), progress=False)
+def test_study_result_holds_the_correlations_computed_on_a_constructed_case(tmp_path):
+    # Scores equal to the oracle, reversed, and a hand-computed case: within layer a, [1, 2, 3, 4]
+    # against the oracle's order [1, 3, 2, 4]: d = [0, 1, 1, 0], rho = 1 - 6 * 2 / (4 * 15) = 0.8.
+    oracle_abs = torch.tensor([1.0, 3, 2, 4, 10, 20, 30, 40], dtype=torch.float64)
+    truth = {"loss": -oracle_abs, "abs": oracle_abs, "base": torch.tensor(0.5, dtype=torch.float64)}
+    graph = SimpleNamespace(groups=TWO_LAYERS.groups, num_units=8)
+    scores = {"same": oracle_abs.clone(), "reversed": -oracle_abs,
+              "hand": torch.tensor([1.0, 2, 3, 4, 10, 20, 30, 40], dtype=torch.float64)}
+    result = study_result(truth, scores, graph, conv=[graph.groups[0]], share=0.25)
+    assert result["spearman"]["same"] == {"per_layer": pytest.approx(1.0), "global": pytest.approx(1.0),
+                                          "global_l2": pytest.approx(spearmanr(
+                                              np.r_[[1, 3, 2, 4] / np.sqrt(30), [1, 2, 3, 4] / np.sqrt(30)],
+                                              oracle_abs).statistic)}
+    assert result["spearman"]["reversed"]["per_layer"] == pytest.approx(-1.0)
+    assert result["spearman"]["reversed"]["global"] == pytest.approx(-1.0)
+    assert result["spearman"]["hand"]["per_layer"] == pytest.approx((0.8 + 1.0) / 2)
+    assert result["spearman_conv"]["hand"]["per_layer"] == pytest.approx(0.8)  # layer a only
+    rho = 1 - 6 * 2 / (8 * 63)  # all 8 units: units 1 and 2 swapped
+    assert result["spearman"]["hand"]["global"] == pytest.approx(rho)
+    assert result["oracle_lowest_share"]["same"]["global"] == 1.0 and result["oracle_lowest_share"]["reversed"]["global"] == 0.0
+    assert result["oracle_negative_units"] == 8 and result["oracle_zero_units"] == 0 and result["conv_units"] == 4
+    result.update(images=12, oracle_s=1.0, criteria_s=1.0, wall_s=2.0)
     paths = write_study(result, tmp_path)
-    saved = json.loads(paths["json"].read_text())
-    assert set(saved["spearman"]) == set(CRITERIA)
-    for scores in saved["spearman"].values():
-        assert set(scores) == {"per_layer", "global", "global_l2"}
-        assert all(v is None or -1 <= v <= 1 for v in scores.values())
-    assert saved["units"] == 12 and saved["images"] == 12
-    assert saved["spearman"]["bn-scale"]["global"] is not None  # conv1's 3 units have a BN scale
+    assert json.loads(paths["json"].read_text())["spearman"]["hand"]["per_layer"] == pytest.approx(0.9)
     text = paths["markdown"].read_text()
-    assert "| per layer |" in text and "0.73 /" in text  # ours beside the paper's Taylor row
-    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+    assert "| per layer | 1.00 | -1.00 | 0.90 |" in text and "| per layer | 1.00 | -1.00 | 0.80 |" in text
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*"))
+
+
+def test_study_compares_each_criterion_with_the_oracle_it_computed(tmp_path):
+    torch.manual_seed(3)
+    model, data = Chain().eval(), float_batches()
+    result = run_study(model, data, progress=False)
+    graph = fp.ChannelGraph(model, data[0][0][:1])
+    truth = oracle(model, graph, data, progress=False)
+    assert set(result["spearman"]) == set(CRITERIA) and result["units"] == 12 and result["images"] == 12
+    # what run_study reports for l1 is the correlation of the l1 scores with this oracle
+    l1 = weight_scores("l1", model, graph)
+    assert result["spearman"]["l1"] == pytest.approx(spearman_scopes(l1, truth["abs"], graph))
+    assert result["spearman"]["l1"]["global"] == pytest.approx(spearmanr(l1, truth["abs"]).statistic)
+    assert result["spearman"]["bn-scale"]["global"] is not None  # conv1's 3 units have a BN scale
+    assert result["base_loss"] == pytest.approx(float(truth["base"]))
 
 
 def image_folder(root, n=6, size=32):

@@ -1,9 +1,11 @@
+import time
+
 import pytest
 import torch
 from torch import nn
 
 from filterprune.measure import (GPU_BATCH, Profile, default_batch_sizes, latency_ms, latency_spread_ms, launch_note,
-                                 profile, speed_change)
+                                 profile, speed_change, time_ms)
 from filterprune.models import vgg16_layout
 
 
@@ -90,6 +92,13 @@ def test_each_module_gets_its_own_mode_back():
     latency_ms(model, torch.randn(4, 6), min_run_time=0.01)
     profile(model, torch.randn(4, 6), min_run_time=0.01)
     assert model.training and model.bn.training and not model.frozen.training
+
+
+def test_time_ms_is_milliseconds_of_one_call():
+    calls = []
+    median, iqr = time_ms(lambda: (calls.append(1), time.sleep(0.002)), min_run_time=0.01)
+    assert 2.0 <= median < 200 and iqr >= 0  # at least the 2 ms slept, in milliseconds
+    assert len(calls) >= 5 + 3  # MIN_SAMPLES timed calls at least, after the warm-up
 
 
 def test_spread_rests_on_several_samples_and_brackets_the_median():

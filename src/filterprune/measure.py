@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -158,20 +158,25 @@ def latency_spread_ms(
         return _timed_ms(model, batch, threads or torch.get_num_threads(), min_run_time)
 
 
-def _timed_ms(model: nn.Module, inputs: tuple, threads: int, min_run_time: float) -> tuple[float, float]:
-    """Median and IQR over at least MIN_SAMPLES block timings, after WARMUP untimed runs."""
-    timer = Timer("model(*inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads)
+def time_ms(fn: Callable[[], object], threads: int | None = None, min_run_time: float = 0.5) -> tuple[float, float]:
+    """(median, interquartile range) in milliseconds of fn(), over at least MIN_SAMPLES block timings
+    of torch.utils.benchmark's blocked_autorange, after WARMUP untimed calls; synchronised on CUDA."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
+    for _ in range(WARMUP):
+        fn()
     times: list[float] = []
-    # Timer runs the statement in this thread, so the inference mode set here applies to it.
-    with torch.inference_mode():
-        for _ in range(WARMUP):
-            model(*inputs)
-        # A model slower than min_run_time gives one block per call: call again until the
-        # spread rests on enough samples.
-        while len(times) < MIN_SAMPLES:
-            times += timer.blocked_autorange(min_run_time=min_run_time).times
+    # A call slower than min_run_time gives one block per blocked_autorange: call it again until
+    # the spread rests on enough samples.
+    while len(times) < MIN_SAMPLES:
+        times += timer.blocked_autorange(min_run_time=min_run_time).times
     q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return median * 1e3, (q3 - q1) * 1e3
+
+
+def _timed_ms(model: nn.Module, inputs: tuple, threads: int, min_run_time: float) -> tuple[float, float]:
+    # Timer runs the statement in this thread, so the inference mode set here applies to it.
+    with torch.inference_mode():
+        return time_ms(lambda: model(*inputs), threads, min_run_time)
 
 
 @contextmanager

@@ -3,31 +3,33 @@
     python benchmarks/bench_core.py [--threads N] [--device cpu|cuda] [--quick]
 
 1. Graph and pruning: time to build the channel graph (Pruner construction) of resnet50 at
-   224x224 and to prune 30% of its channels (criterion l1), with the share spent in verification.
+   224x224 and to prune 30% of its channels (criterion l1), with verify=True and verify=False;
+   verification's cost is their difference (end to end, so as noisy as the two timings).
 2. rank() per batch with criterion taylor, relative to a plain forward + backward of the same batch
    (target: at most 1.3x).
 3. VGG16 with 50% of every conv layer's channels removed: MACs reduction against measured latency
    reduction, at batch 1 and batch 64 (target: latency reduction / MACs reduction >= 0.8).
 
-Models have random weights: none of these costs depends on the weights' values. Timings on a shared
-machine are noisy, so the load average is printed, runs are interleaved and medians reported.
+Models have random weights: none of these costs depends on the weights' values. Every timing is a
+median with its interquartile range (filterprune.measure.time_ms: torch.utils.benchmark, warmed up,
+synchronised on CUDA), and every speed claim goes through filterprune.speed_change, which says "no
+measurable change" inside the noise. On a GPU, batch 1 is launch-bound: judge batch 64.
+Public API only.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
 import torchvision
 from torch import nn
-from torch.utils.benchmark import Timer
-from torch.utils.flop_counter import FlopCounterMode
 
 import filterprune as fp
+from filterprune.measure import latency_spread_ms, launch_note, time_ms
 
 ROWS: list[tuple[str, str, str, str]] = []  # section, quantity, value, unit
 
@@ -43,6 +45,10 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
+def spread(median_iqr: tuple[float, float]) -> str:
+    return f"{median_iqr[0]:.2f} (IQR {median_iqr[1]:.2f})"
+
+
 def total_channels(pruner: fp.Pruner) -> int:
     return sum(g.size for g in pruner.groups)
 
@@ -50,62 +56,36 @@ def total_channels(pruner: fp.Pruner) -> int:
 # ---- 1. graph and pruning ----------------------------------------------------------------------------
 
 
-class VerifyClock:
-    """Times the pruner's own verification steps (reference outputs and the comparison) in place.
-
-    Wrapping the two methods measures verification directly, which is steadier on a loaded machine
-    than subtracting two noisy end-to-end timings; the verify=False run is printed as a cross-check.
-    """
-
-    def __init__(self, pruner: fp.Pruner) -> None:
-        self.seconds = 0.0
-        for name in ("_zeroed_outputs", "_check"):
-            method = getattr(pruner, name, None)
-            if method is not None:
-                setattr(pruner, name, self._timed(method))
-
-    def _timed(self, method):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-        return wrapper
-
-
-def bench_graph_and_prune() -> None:
+def bench_graph_and_prune(size: int) -> None:
     section = "resnet50 graph+prune"
-    print(f"[{section}] 224x224 example input, criterion l1, 30% of prunable channels", flush=True)
-    example = torch.randn(1, 3, 224, 224)
+    print(f"[{section}] {size}x{size} example input, criterion l1, 30% of prunable channels", flush=True)
+    example = torch.randn(1, 3, size, size)
+    prune_s = {}
     for verify in (True, False):
         torch.manual_seed(0)
         model = torchvision.models.resnet50().eval()
         holder = {}
         build = seconds(lambda: holder.setdefault("p", fp.Pruner(model, example, criterion="l1", verify=verify)))
         pruner = holder["p"]
-        clock = VerifyClock(pruner)
         n = int(0.3 * total_channels(pruner))
-        prune = seconds(lambda: holder.setdefault("r", pruner.prune(n)))
+        prune_s[verify] = seconds(lambda: holder.setdefault("r", pruner.prune(n)))
+        tag = "verify=True" if verify else "verify=False"
         if verify:
             row(section, "groups / prunable channels", f"{len(pruner.groups)} / {n / 0.3:.0f}")
             row(section, "channels removed", holder["r"].count)
-            row(section, "build graph (Pruner construction)", build, "s")
-            row(section, "prune 30% (select+cut+verify+retrace)", prune, "s")
-            row(section, "  of which verification", clock.seconds, "s")
-            row(section, "  verification share of prune", 100 * clock.seconds / prune, "%")
-        else:
-            row(section, "build graph, 2nd run (verify=False)", build, "s")
-            row(section, "prune 30% with verify=False", prune, "s")
+        row(section, f"build graph (Pruner construction), {tag}", build, "s")
+        row(section, f"prune 30% (select+cut+check+retrace), {tag}", prune_s[verify], "s")
+    cost = prune_s[True] - prune_s[False]
+    row(section, "verification: difference of the two", cost, "s")
+    row(section, "  verification share of prune", 100 * cost / prune_s[True], "%")
 
 
 # ---- 2. rank() overhead ----------------------------------------------------------------------------------
 
 
-def bench_rank(arch: str, batch: int, size: int, repeats: int, device: str) -> None:
+def bench_rank(arch: str, batch: int, size: int, min_run_time: float, device: str) -> None:
     section = "rank() overhead"
-    print(f"[{section}] {arch}, batch {batch} at {size}x{size}, criterion taylor, {repeats} interleaved repeats",
-          flush=True)
+    print(f"[{section}] {arch}, batch {batch} at {size}x{size}, criterion taylor, on {device}", flush=True)
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, num_classes=10).to(device).eval()
     x = torch.randn(batch, 3, size, size, device=device)
@@ -116,42 +96,19 @@ def bench_rank(arch: str, batch: int, size: int, repeats: int, device: str) -> N
     def plain():  # what a training step costs, without the optimizer: eval mode, like rank()
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
-        sync(device)
 
     def ranking():
         pruner.rank([(x, y)], loss_fn, progress=False)
-        sync(device)
 
-    times = {plain: [], ranking: []}
-    for fn in times:  # warm-up: allocator, kernels' first-call costs
-        fn()
-    for i in range(repeats):  # interleave, alternating the order, so that load drifts hit both alike
-        for fn in (times if i % 2 == 0 else reversed(list(times))):
-            times[fn].append(seconds(fn))
-    base, ranked = statistics.median(times[plain]), statistics.median(times[ranking])
-    row(section, "plain forward+backward, median", 1e3 * base, "ms/batch")
-    row(section, "rank() taylor, median", 1e3 * ranked, "ms/batch")
-    row(section, "ratio rank / plain (target <= 1.3)", ranked / base, f"x  {'MET' if ranked / base <= 1.3 else 'NOT MET'}")
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    base, ranked = time_ms(plain, min_run_time=min_run_time), time_ms(ranking, min_run_time=min_run_time)
+    row(section, "plain forward+backward, median (IQR)", spread(base), "ms/batch")
+    row(section, "rank() taylor, median (IQR)", spread(ranked), "ms/batch")
+    ratio = ranked[0] / base[0]
+    row(section, "ratio rank / plain (target <= 1.3)", ratio, f"x  {'MET' if ratio <= 1.3 else 'NOT MET'}")
+    row(section, "rank() against plain", fp.speed_change(base[0], ranked[0], base[1], ranked[1]))
 
 
 # ---- 3. VGG16: MACs vs latency -------------------------------------------------------------------------------
-
-
-def macs_per_example(model: nn.Module, size: int, device: str) -> int:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(torch.randn(1, 3, size, size, device=device))
-    return counter.get_total_flops() // 2  # the counter counts a multiply-add as 2 FLOPs
-
-
-def latency_samples(model: nn.Module, x: torch.Tensor, min_run_time: float) -> list[float]:
-    timer = Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
-    with torch.inference_mode():  # Timer runs in this thread, so inference mode applies to it
-        return list(timer.blocked_autorange(min_run_time=min_run_time).times)
 
 
 def bench_vgg(cases: list[tuple[int, int]], min_run_time: float, device: str) -> None:
@@ -167,21 +124,19 @@ def bench_vgg(cases: list[tuple[int, int]], min_run_time: float, device: str) ->
     before = total_channels(pruner)
     pruner.prune(before // 2)
     row(section, "conv channels before -> after", f"{before} -> {total_channels(pruner)}")
-    dense, pruned = dense.to(device), pruned.to(device)
     for batch, size in cases:
-        macs = [macs_per_example(m, size, device) for m in (dense, pruned)]
-        x = torch.randn(batch, 3, size, size, device=device)
-        samples = {0: [], 1: []}
-        for order in ((0, 1), (1, 0)):  # two rounds, alternating, pooled
-            for i in order:
-                samples[i] += latency_samples((dense, pruned)[i], x, min_run_time)
-        ms = [1e3 * statistics.median(samples[i]) for i in (0, 1)]
-        macs_cut, latency_cut = 1 - macs[1] / macs[0], 1 - ms[1] / ms[0]
+        example = torch.randn(1, 3, size, size)
+        macs = [fp.profile(m, example, latency=False).macs for m in (dense, pruned)]
+        x = torch.randn(batch, 3, size, size)
+        times = [latency_spread_ms(m, x, device=device, min_run_time=min_run_time) for m in (dense, pruned)]
+        macs_cut, latency_cut = 1 - macs[1] / macs[0], 1 - times[1][0] / times[0][0]
         tag = f"b{batch} @{size}x{size}"
         row(section, f"{tag} MACs/example dense -> pruned", f"{macs[0] / 1e9:.3f} -> {macs[1] / 1e9:.3f}", "GMACs")
-        row(section, f"{tag} latency dense -> pruned (median)", f"{ms[0]:.2f} -> {ms[1]:.2f}", "ms/batch")
-        row(section, f"{tag} speed-up MACs / latency", f"{macs[0] / macs[1]:.2f} / {ms[0] / ms[1]:.2f}", "x")
-        row(section, f"{tag} reduction MACs / latency", f"{100 * macs_cut:.1f} / {100 * latency_cut:.1f}", "%")
+        row(section, f"{tag} latency dense -> pruned, median (IQR)", f"{spread(times[0])} -> {spread(times[1])}", "ms/batch")
+        row(section, f"{tag} MACs speed-up", f"{macs[0] / macs[1]:.2f}", "x")
+        note = launch_note(device, batch)
+        row(section, f"{tag} measured", fp.speed_change(times[0][0], times[1][0], times[0][1], times[1][1]),
+            f"({note})" if note else "")
         ratio = latency_cut / macs_cut
         row(section, f"{tag} latency cut / MACs cut (target >= 0.8)", ratio, "MET" if ratio >= 0.8 else "NOT MET")
 
@@ -196,19 +151,20 @@ def main() -> None:
     parser.add_argument("--rank-arch", default="resnet18")
     parser.add_argument("--rank-batch", type=int, default=32)
     parser.add_argument("--rank-size", type=int, default=128, help="224 takes ~15 s a batch on 2 loaded cores")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--graph-size", type=int, default=224, help="example input side for section 1")
     parser.add_argument("--b64-size", type=int, default=32, help="input side for the batch-64 latency row")
+    parser.add_argument("--b1-size", type=int, default=224, help="input side for the batch-1 latency row")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per blocked_autorange")
     parser.add_argument("--skip", nargs="*", default=[], choices=["graph", "rank", "vgg"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if "graph" not in args.skip:
-        bench_graph_and_prune()
+        bench_graph_and_prune(args.graph_size)
     if "rank" not in args.skip:
-        bench_rank(args.rank_arch, args.rank_batch, args.rank_size, args.repeats, args.device)
+        bench_rank(args.rank_arch, args.rank_batch, args.rank_size, args.min_run_time, args.device)
     if "vgg" not in args.skip:
-        bench_vgg([(1, 224), (64, args.b64_size)], args.min_run_time, args.device)
+        bench_vgg([(1, args.b1_size), (64, args.b64_size)], args.min_run_time, args.device)
     print_table(args, time.perf_counter() - started)
 
 

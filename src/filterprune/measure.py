@@ -70,8 +70,8 @@ class Profile:
         ]
         for b, ms in sorted(self.latency_ms.items()):
             iqr = self.latency_iqr_ms.get(b)
-            spread = f" ± {iqr / 2:.2f} (IQR {iqr:.2f})" if iqr is not None else ""
-            rows.append((f"latency, batch {b}", f"{ms:.2f} ms (median){spread}" + (" *" if b == self.headline_batch else "")))
+            spread = f", IQR {iqr:.2f}" if iqr is not None else ""
+            rows.append((f"latency, batch {b}", f"{ms:.2f} ms (median{spread})" + (" *" if b == self.headline_batch else "")))
         rows.append(("measured on", f"{self.device}, {self.dtype}, {self.threads} threads"))
         notes = [f"* headline batch ({'the deployment batch on a GPU' if self.device.startswith('cuda') else 'smallest measured'})"]
         if self.device.startswith("cuda") and 1 in self.latency_ms:

@@ -23,7 +23,9 @@ from PIL import Image
 
 import filterprune as fp
 from filterprune.cli import main
-from filterprune.schedule import CheckpointError, Schedule, load_checkpoint, prune_iteratively
+from filterprune.checkpoint import CheckpointError
+from filterprune.checkpoint import load as load_checkpoint
+from filterprune.schedule import Schedule, prune_iteratively
 from images import COLOURS, one_thread, picture  # noqa: F401  (one_thread: an autouse fixture)
 
 # 18 training images in batches of 8: three fine-tuning steps per epoch
@@ -33,10 +35,10 @@ ARGS = ["--size", "32", "--workers", "0", "--batch-size", "8", "--lr", "0.01", "
 # Runs the CLI and SIGKILLs itself at a chosen moment: during fine-tuning of iteration N (after one
 # step), or half-way through writing iteration N's checkpoint model file or state file.
 KILLER = r'''
-import contextlib, json, os, signal, sys
+import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
-import filterprune.io, filterprune.schedule, filterprune.train
+import filterprune.train
 from filterprune.cli import main
 
 mode, when, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -56,26 +58,18 @@ if mode == "fine-tune":
             return real_epoch(model, batches(), *args, desc=desc, **kwargs)
         return real_epoch(model, loader, *args, desc=desc, **kwargs)
     filterprune.train.train_epoch = train_epoch
-elif mode == "model-write":
-    real_atomic = filterprune.io._atomic_path
-    @contextlib.contextmanager
-    def atomic(path):
-        with real_atomic(path) as tmp:
-            yield tmp
-            if path.name == f"model-{when:03d}.safetensors":
-                data = tmp.read_bytes()
-                tmp.write_bytes(data[: len(data) // 2])
-                die()
-    filterprune.io._atomic_path = atomic
-elif mode == "state-write":
-    real_write = filterprune.schedule._write_json
-    def write_json(path, data):
-        if data.get("iteration") == when:
-            text = json.dumps(data)
-            path.with_name(path.name + ".tmp").write_text(text[: len(text) // 2])
+else:  # die half-way through the atomic write of iteration N's model file or state file
+    from pathlib import Path
+    real_replace = os.replace
+    target = f"model-{when:03d}.safetensors" if mode == "model-write" else "state.json"
+    def replace(src, dst):
+        src = Path(src)
+        if Path(dst).name == target and (mode == "model-write" or json.loads(src.read_text())["iteration"] == when):
+            data = src.read_bytes()
+            src.write_bytes(data[: len(data) // 2])
             die()
-        return real_write(path, data)
-    filterprune.schedule._write_json = write_json
+        return real_replace(src, dst)
+    os.replace = replace
 sys.exit(main(argv))
 '''
 
@@ -139,9 +133,9 @@ def test_killed_run_resumes_to_the_same_model(mode, when, setup, tmp_path, capsy
         assert len(leftovers) == 1 and leftovers[0].startswith(f".model-{when:03d}.safetensors")
         assert not (checkpoint / f"model-{when:03d}.safetensors").exists()
     elif mode == "state-write":  # the half-written state is there, under a temporary name only
-        assert leftovers == ["state.json.tmp"]
+        assert len(leftovers) == 1 and leftovers[0].startswith(".state.json.")
         with pytest.raises(json.JSONDecodeError):
-            json.loads((checkpoint / "state.json.tmp").read_text())
+            json.loads((checkpoint / leftovers[0]).read_text())
     else:
         assert leftovers == []
 
@@ -243,12 +237,12 @@ def test_resume_with_other_options_is_refused(setup, tmp_path, capsys):
 
 def test_checkpoints_are_written_atomically(setup, tmp_path, monkeypatch):
     """A failure while writing the checkpoint's model leaves the previous pair (model, state) intact."""
-    from filterprune import schedule
+    from filterprune import checkpoint
 
     root, _ = setup
     model = fp.load(root / "model.safetensors")
     folder = tmp_path / "checkpoint"
-    schedule.save_checkpoint(folder, model, {"n": 1}, 1)
+    checkpoint.save(folder, model, {"n": 1}, 1)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     real = Path.write_bytes
@@ -259,7 +253,7 @@ def test_checkpoints_are_written_atomically(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(OSError):
-        schedule.save_checkpoint(folder, model, {"n": 2}, 2)
+        checkpoint.save(folder, model, {"n": 2}, 2)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     _, log, iteration = load_checkpoint(folder)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from torch import nn
 
 import filterprune as fp
 from filterprune.cli import main
@@ -321,20 +323,28 @@ def test_pickles_with_code_are_refused_and_never_run(setup, tmp_path, capsys):
     assert marker.read_text() == "code from the file ran"
 
 
-def test_latency_aware_cost_keeps_the_macs_total_and_follows_the_time():
-    """measured_unit_cost spreads the MACs total over units by measured time per unit."""
+def test_latency_aware_cost_follows_the_measured_time():
+    """A layer made slow (a hook sleeping per channel it outputs) gets the highest cost per unit, though its
+    MACs are the lowest; the total stays the MACs total and each group's units share one figure."""
     from filterprune.schedule import measured_unit_cost
 
     torch.manual_seed(0)
-    model = fp.vgg16_layout(num_classes=2, width=0.125).eval()
-    pruner = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1")
-    cost = measured_unit_cost(pruner, batch=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 2)).eval()
+    slow = 4  # the ReLU after the 1x1 conv, the cheapest group in MACs
+    model[slow].register_forward_hook(lambda m, i, out: time.sleep(2e-3 * out.shape[1]))
+    pruner = fp.Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
+    cost = measured_unit_cost(pruner, batch=2)
     macs = pruner.graph.unit_cost() / 1e6
-    assert cost.shape == macs.shape and torch.isclose(cost.sum(), macs.sum())
-    assert (cost >= 0).all() and (cost > 0).any()
+    assert torch.isclose(cost.sum(), macs.sum())
+    per_group = {}
     for group in pruner.groups:  # one measured figure per group, shared by its units
         part = cost[group.offset:group.offset + group.size]
         assert torch.allclose(part, part[0].expand_as(part))
+        per_group[group.name] = part[0].item()
+    slowed = "4"  # groups are named by their conv
+    assert min(macs[g.offset].item() for g in pruner.groups) == macs[pruner.groups[-1].offset].item()
+    assert per_group[slowed] > 3 * max(v for k, v in per_group.items() if k != slowed), per_group
 
 
 def test_flops_regularisation_moves_pruning_to_costly_channels():

@@ -575,3 +575,21 @@ def test_distillation_in_the_loop_uses_the_unpruned_model(latency_from_macs, tmp
     taught, _ = run(Schedule(criterion="l1", step=2, epochs=1, max_iterations=1, lr=0.05, distill=1.0), checkpoint_dir=tmp_path)
     assert (tmp_path / "teacher.safetensors").is_file()
     assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), taught.state_dict().values()))
+
+
+def test_a_resumed_run_distils_from_the_saved_teacher(latency_from_macs, tmp_path):
+    """Stopped after iteration 1 and resumed, a distilling run ends with the uninterrupted run's model."""
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=6)
+
+    def go(iterations: int, folder: Path, resume: bool = False):
+        torch.manual_seed(0)
+        model = None if resume else fp.build("vgg16_layout", num_classes=3, width=0.03)
+        schedule = Schedule(criterion="l1", step=4, epochs=1, lr=0.05, max_iterations=iterations, distill=1.0)
+        return prune_iteratively(model, data.tensors[0][:1], loader, loader, schedule, checkpoint_dir=folder, resume=resume,
+                                 progress=False, log_fn=lambda line: None)[0]
+    whole = go(2, tmp_path / "whole")
+    go(1, tmp_path / "split")
+    resumed = go(2, tmp_path / "split", resume=True)
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key

@@ -46,8 +46,7 @@ def prune_run(ctx: Context | None, epochs: int, folder: Path | None):
     schedule = Schedule(criterion="taylor", step=3, epochs=epochs, max_iterations=2, lr=0.05)
     return prune_iteratively(model, dataset.tensors[0][:1], shard(dataset, 4, shuffle=True, seed=3), make_loader(dataset, 8, False),
                              schedule, rank_loader=shard(dataset, 3), checkpoint_dir=folder, progress=False,
-                             log_fn=lambda line: None, reduce=ctx.reduce if ctx else None,
-                             is_main=ctx.is_main if ctx else True, wrap=ctx.wrap if ctx else None)
+                             log_fn=lambda line: None, context=ctx)
 
 
 def torchrun_worker(folder: Path, cli_args: list[str]) -> None:
@@ -159,7 +158,9 @@ def test_fine_tuning_is_shared_by_ddp_after_every_surgery(two_processes):
     assert any(not torch.equal(v, untuned[n]) for n, v in tuned[0][1].items() if v.shape == untuned[n].shape)  # ... and trained
     logs = [log for _, _, log in tuned]
     # Decisions rest on rank 0's measurements and the mean training loss of all processes.
+    # Wall-clock times too are rank 0's (each process's own clock would differ), so the logs are equal.
     assert logs[0]["iterations"] == logs[1]["iterations"] and logs[0]["baseline"] == logs[1]["baseline"]
+    assert [e["wall_s"] for e in logs[0]["iterations"]] == [e["wall_s"] for e in logs[1]["iterations"]]
     assert all(e["train_loss"] is not None for e in logs[0]["iterations"])
 
 

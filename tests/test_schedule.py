@@ -6,13 +6,16 @@ of an uninterrupted run; damaged checkpoints are reported, never used; loading n
 stored in a file.
 """
 
+import copy
 import json
+import math
 import os
 import pickle
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +23,13 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from torch import nn
 
 import filterprune as fp
 from filterprune.cli import main
-from filterprune.schedule import CheckpointError, Schedule, load_checkpoint, prune_iteratively
+from filterprune.checkpoint import CheckpointError
+from filterprune.checkpoint import load as load_checkpoint
+from filterprune.schedule import Schedule, prune_iteratively
 from images import COLOURS, one_thread, picture  # noqa: F401  (one_thread: an autouse fixture)
 
 # 18 training images in batches of 8: three fine-tuning steps per epoch
@@ -33,10 +39,10 @@ ARGS = ["--size", "32", "--workers", "0", "--batch-size", "8", "--lr", "0.01", "
 # Runs the CLI and SIGKILLs itself at a chosen moment: during fine-tuning of iteration N (after one
 # step), or half-way through writing iteration N's checkpoint model file or state file.
 KILLER = r'''
-import contextlib, json, os, signal, sys
+import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
-import filterprune.io, filterprune.schedule, filterprune.train
+import filterprune.train
 from filterprune.cli import main
 
 mode, when, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -56,26 +62,18 @@ if mode == "fine-tune":
             return real_epoch(model, batches(), *args, desc=desc, **kwargs)
         return real_epoch(model, loader, *args, desc=desc, **kwargs)
     filterprune.train.train_epoch = train_epoch
-elif mode == "model-write":
-    real_atomic = filterprune.io._atomic_path
-    @contextlib.contextmanager
-    def atomic(path):
-        with real_atomic(path) as tmp:
-            yield tmp
-            if path.name == f"model-{when:03d}.safetensors":
-                data = tmp.read_bytes()
-                tmp.write_bytes(data[: len(data) // 2])
-                die()
-    filterprune.io._atomic_path = atomic
-elif mode == "state-write":
-    real_write = filterprune.schedule._write_json
-    def write_json(path, data):
-        if data.get("iteration") == when:
-            text = json.dumps(data)
-            path.with_name(path.name + ".tmp").write_text(text[: len(text) // 2])
+else:  # die half-way through the atomic write of iteration N's model file or state file
+    from pathlib import Path
+    real_replace = os.replace
+    target = f"model-{when:03d}.safetensors" if mode == "model-write" else "state.json"
+    def replace(src, dst):
+        src = Path(src)
+        if Path(dst).name == target and (mode == "model-write" or json.loads(src.read_text())["iteration"] == when):
+            data = src.read_bytes()
+            src.write_bytes(data[: len(data) // 2])
             die()
-        return real_write(path, data)
-    filterprune.schedule._write_json = write_json
+        return real_replace(src, dst)
+    os.replace = replace
 sys.exit(main(argv))
 '''
 
@@ -139,9 +137,9 @@ def test_killed_run_resumes_to_the_same_model(mode, when, setup, tmp_path, capsy
         assert len(leftovers) == 1 and leftovers[0].startswith(f".model-{when:03d}.safetensors")
         assert not (checkpoint / f"model-{when:03d}.safetensors").exists()
     elif mode == "state-write":  # the half-written state is there, under a temporary name only
-        assert leftovers == ["state.json.tmp"]
+        assert len(leftovers) == 1 and leftovers[0].startswith(".state.json.")
         with pytest.raises(json.JSONDecodeError):
-            json.loads((checkpoint / "state.json.tmp").read_text())
+            json.loads((checkpoint / leftovers[0]).read_text())
     else:
         assert leftovers == []
 
@@ -243,12 +241,12 @@ def test_resume_with_other_options_is_refused(setup, tmp_path, capsys):
 
 def test_checkpoints_are_written_atomically(setup, tmp_path, monkeypatch):
     """A failure while writing the checkpoint's model leaves the previous pair (model, state) intact."""
-    from filterprune import schedule
+    from filterprune import checkpoint
 
     root, _ = setup
     model = fp.load(root / "model.safetensors")
     folder = tmp_path / "checkpoint"
-    schedule.save_checkpoint(folder, model, {"n": 1}, 1)
+    checkpoint.save(folder, model, {"n": 1}, 1)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     real = Path.write_bytes
@@ -259,7 +257,7 @@ def test_checkpoints_are_written_atomically(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(OSError):
-        schedule.save_checkpoint(folder, model, {"n": 2}, 2)
+        checkpoint.save(folder, model, {"n": 2}, 2)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     _, log, iteration = load_checkpoint(folder)
@@ -327,20 +325,28 @@ def test_pickles_with_code_are_refused_and_never_run(setup, tmp_path, capsys):
     assert marker.read_text() == "code from the file ran"
 
 
-def test_latency_aware_cost_keeps_the_macs_total_and_follows_the_time():
-    """measured_unit_cost spreads the MACs total over units by measured time per unit."""
+def test_latency_aware_cost_follows_the_measured_time():
+    """A layer made slow (a hook sleeping per channel it outputs) gets the highest cost per unit, though its
+    MACs are the lowest; the total stays the MACs total and each group's units share one figure."""
     from filterprune.schedule import measured_unit_cost
 
     torch.manual_seed(0)
-    model = fp.vgg16_layout(num_classes=2, width=0.125).eval()
-    pruner = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1")
-    cost = measured_unit_cost(pruner, batch=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 2)).eval()
+    slow = 4  # the ReLU after the 1x1 conv, the cheapest group in MACs
+    model[slow].register_forward_hook(lambda m, i, out: time.sleep(2e-3 * out.shape[1]))
+    pruner = fp.Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
+    cost = measured_unit_cost(pruner, batch=2)
     macs = pruner.graph.unit_cost() / 1e6
-    assert cost.shape == macs.shape and torch.isclose(cost.sum(), macs.sum())
-    assert (cost >= 0).all() and (cost > 0).any()
+    assert torch.isclose(cost.sum(), macs.sum())
+    per_group = {}
     for group in pruner.groups:  # one measured figure per group, shared by its units
         part = cost[group.offset:group.offset + group.size]
         assert torch.allclose(part, part[0].expand_as(part))
+        per_group[group.name] = part[0].item()
+    slowed = "4"  # groups are named by their conv
+    assert min(macs[g.offset].item() for g in pruner.groups) == macs[pruner.groups[-1].offset].item()
+    assert per_group[slowed] > 3 * max(v for k, v in per_group.items() if k != slowed), per_group
 
 
 def test_flops_regularisation_moves_pruning_to_costly_channels():
@@ -355,3 +361,235 @@ def test_flops_regularisation_moves_pruning_to_costly_channels():
     removed_costly = costly.prune(20).removed_per_group
     first_block = ("features.0", "features.3")
     assert sum(removed_costly.get(g, 0) for g in first_block) > sum(removed_plain.get(g, 0) for g in first_block)
+
+
+# ---------------------------------------------------------------- the loop's behaviours, on a tiny problem
+
+def tiny(seed: int = 0) -> tuple[nn.Module, torch.utils.data.TensorDataset]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    model.filterprune_arch = {"builder": "test_schedule:tiny", "kwargs": {}}  # checkpoints need one; never loaded here
+    return model, torch.utils.data.TensorDataset(torch.randn(24, 3, 8, 8), torch.randint(0, 3, (24,)))
+
+
+class Counting:
+    """A loader that counts the batches used: a batch counts once its consumer comes back for the next
+    (a loop that stops after N batches may fetch an N+1th and drop it unused)."""
+
+    def __init__(self, dataset, batch: int = 6):
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
+        self.taken = 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            self.taken += 1
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+@pytest.fixture
+def latency_from_macs(monkeypatch):
+    """Measured latency replaced by one proportional to MACs: fast and the same on any machine."""
+    from filterprune import schedule
+
+    real = schedule.profile
+
+    def profile(model, example, batch_sizes=(1,), **kwargs):
+        prof = real(model, example, latency=False)
+        prof.latency_ms = {b: b * prof.macs / 1e4 for b in batch_sizes}
+        return prof
+    monkeypatch.setattr(schedule, "profile", profile)
+
+
+def run(schedule: Schedule, seed: int = 0, **kwargs):
+    model, data = tiny(seed)
+    loader = kwargs.pop("loader", None) or torch.utils.data.DataLoader(data, batch_size=6)
+    return prune_iteratively(model, data.tensors[0][:1], loader, loader, schedule, progress=False, log_fn=lambda line: None,
+                             ignore=["7"], **kwargs)
+
+
+def test_public_api_is_exported():
+    assert fp.prune_iteratively is prune_iteratively and fp.Schedule is Schedule
+    assert "extra" not in {f.name for f in __import__("dataclasses").fields(Schedule)}
+
+
+def test_max_accuracy_drop_rolls_back_to_the_previous_iteration(latency_from_macs, tmp_path):
+    """Iteration 2 loses too much: the model returned is iteration 1's, bit for bit (its checkpoint)."""
+    scores = iter([1.0, 0.95, 0.5, 0.5])  # baseline, iteration 1 (-5 points), iteration 2 (-50), final
+    model, log = run(Schedule(criterion="l1", step=2, epochs=1, lr=0.05, max_iterations=5, max_accuracy_drop=10),
+                     evaluate_fn=lambda m: {"accuracy": next(scores)}, checkpoint_dir=tmp_path)
+    assert [e.get("rejected", False) for e in log["iterations"]] == [False, True]
+    assert "kept iteration 1" in log["stopped"]
+    state_file = json.loads((tmp_path / "state.json").read_text())
+    assert state_file["iteration"] == 1
+    state, expected = model.state_dict(), tensors(tmp_path / state_file["model"])
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("target, what", [("target_macs", "MACs reduction"), ("target_speedup", "measured speed-up")])
+def test_stops_at_the_first_iteration_that_meets_the_target(target, what, latency_from_macs):
+    model, log = run(Schedule(criterion="l1", step=1, epochs=0, max_iterations=30, **{target: 1.3}))
+    key = "macs" if target == "target_macs" else "latency_ms_b1"
+    reached = [log["baseline"][key] / e[key] for e in log["iterations"]]
+    assert what in log["stopped"] and reached[-1] >= 1.3
+    assert len(reached) >= 2 and max(reached[:-1]) < 1.3  # not before
+
+
+def test_final_epochs_train_the_pruned_model_and_are_logged(latency_from_macs):
+    schedule = Schedule(criterion="l1", step=2, epochs=1, max_iterations=1, lr=0.05)
+    without, log0 = run(schedule)
+    model, data = tiny()
+    loader = Counting(data)
+    tuned, log = run(Schedule(**{**schedule.__dict__, "final_epochs": 2}), loader=loader)
+    assert loader.taken >= len(loader) * (1 + 2)  # one epoch between steps, two at the end (plus evaluations)
+    assert log["final_fine_tune"]["epochs"] == 2 and log["final_fine_tune"]["train_loss"] > 0
+    assert "final_fine_tune" not in log0
+    assert [e["channels"] for e in log["iterations"]] == [e["channels"] for e in log0["iterations"]]  # only the end differs
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), without.state_dict().values()))
+
+
+def test_rank_batches_limits_the_ranking_data(latency_from_macs):
+    model, data = tiny()
+    ranking = Counting(data, batch=3)  # 8 batches
+    run(Schedule(criterion="taylor", step=2, epochs=0, max_iterations=2, rank_batches=2), rank_loader=ranking)
+    assert ranking.taken == 2 * 2
+
+
+def test_latency_aware_measures_the_cost_every_iteration_and_uses_it(latency_from_macs, monkeypatch):
+    from filterprune import schedule
+
+    calls = []
+
+    def cost(pruner, batch, device):  # the first conv's channels made very costly: they must go first
+        calls.append(batch)
+        c = torch.zeros(pruner.graph.num_units, dtype=torch.float64)
+        first = pruner.groups[0]
+        c[first.offset:first.offset + first.size] = 1e6
+        return c
+    monkeypatch.setattr(schedule, "measured_unit_cost", cost)
+    _, log = run(Schedule(criterion="l1", step=2, epochs=0, max_iterations=3, latency_aware=True, flops_lambda=1.0, latency_batch=4))
+    assert calls == [4, 4, 4]
+    assert all(set(e["removed_per_group"]) == {"0"} for e in log["iterations"])
+
+
+def test_users_own_loss_evaluation_and_fine_tuning(latency_from_macs):
+    tuned, losses = [], []
+
+    def loss_fn(logits, targets):
+        losses.append(1)
+        return nn.functional.cross_entropy(logits, targets)
+
+    model, log = run(Schedule(criterion="taylor", step=2, epochs=3, final_epochs=1, max_iterations=2, metric="score"),
+                     loss_fn=loss_fn, evaluate_fn=lambda m: {"score": 0.5, "other": 1}, fine_tune_fn=lambda m, n: tuned.append(n))
+    assert tuned == [3, 3, 1] and losses  # ranking used the loss
+    assert log["final"]["score"] == 0.5 and log["baseline"]["other"] == 1
+    with pytest.raises(ValueError, match="not 'accuracy'"):
+        run(Schedule(criterion="l1"), evaluate_fn=lambda m: {"score": 1.0})
+
+
+def test_evaluate_reads_logits_from_output_objects():
+    from types import SimpleNamespace
+
+    from filterprune.train import evaluate
+
+    model, data = tiny()
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return SimpleNamespace(logits=self.inner(x))
+    loader = torch.utils.data.DataLoader(data, batch_size=6)
+    assert evaluate(Wrapped(), loader, progress=False) == evaluate(model, loader, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cpu_model_is_moved_to_the_device_before_the_baseline():
+    devices = []
+    model, log = run(Schedule(criterion="l1", step=2, epochs=0, max_iterations=1), device="cuda",
+                     evaluate_fn=lambda m: devices.append(next(m.parameters()).device.type) or {"accuracy": 1.0})
+    assert devices[0] == "cuda" and next(model.parameters()).is_cuda
+
+
+# ---------------------------------------------------------------- recovery: distillation, bf16, channels_last
+
+def test_distillation_loss_matches_a_hand_computation():
+    from filterprune.train import distillation_loss
+
+    student, teacher, t = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]), torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]), 2.0
+    total = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        zs = sum(math.exp(v / t) for v in s_row)
+        zt = sum(math.exp(v / t) for v in t_row)
+        for s_v, t_v in zip(s_row, t_row):
+            p, q = math.exp(t_v / t) / zt, math.exp(s_v / t) / zs
+            total += p * math.log(p / q)
+    expected = total / 2 * t * t
+    assert distillation_loss(student, teacher, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_distillation_pulls_the_student_towards_the_teacher():
+    from filterprune.train import fine_tune
+
+    teacher, data = tiny(0)
+    teacher.eval()
+    loader = torch.utils.data.DataLoader(data, batch_size=6)
+    inputs = data.tensors[0]
+
+    def gap(model):
+        with torch.no_grad():
+            return nn.functional.mse_loss(model.eval()(inputs), teacher(inputs)).item()
+    gaps = {}
+    for distill in (0.0, 1.0):
+        student, _ = tiny(1)  # other weights
+        torch.manual_seed(0)
+        fine_tune(student, loader, 5, lr=0.05, progress=False, teacher=teacher, distill=distill, temperature=2.0)
+        gaps[distill] = gap(student)
+    assert gaps[1.0] < 0.5 * gaps[0.0], gaps
+
+
+def test_bf16_autocast_and_channels_last_train_on_the_cpu():
+    from filterprune.train import fine_tune
+
+    model, data = tiny()
+    before = copy.deepcopy(model.state_dict())
+    dtypes = []
+    model[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    history = fine_tune(model, torch.utils.data.DataLoader(data, batch_size=6), 1, lr=0.05, progress=False, amp=True,
+                        channels_last=True)
+    assert set(dtypes) == {torch.bfloat16} and math.isfinite(history[0]["loss"])
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_distillation_in_the_loop_uses_the_unpruned_model(latency_from_macs, tmp_path):
+    """distill=1.0 in prune_iteratively: a teacher is kept (and checkpointed), and training differs from distill=0."""
+    plain, _ = run(Schedule(criterion="l1", step=2, epochs=1, max_iterations=1, lr=0.05))
+    taught, _ = run(Schedule(criterion="l1", step=2, epochs=1, max_iterations=1, lr=0.05, distill=1.0), checkpoint_dir=tmp_path)
+    assert (tmp_path / "teacher.safetensors").is_file()
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), taught.state_dict().values()))
+
+
+def test_a_resumed_run_distils_from_the_saved_teacher(latency_from_macs, tmp_path):
+    """Stopped after iteration 1 and resumed, a distilling run ends with the uninterrupted run's model."""
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=6)
+
+    def go(iterations: int, folder: Path, resume: bool = False):
+        torch.manual_seed(0)
+        model = None if resume else fp.build("vgg16_layout", num_classes=3, width=0.03)
+        schedule = Schedule(criterion="l1", step=4, epochs=1, lr=0.05, max_iterations=iterations, distill=1.0)
+        return prune_iteratively(model, data.tensors[0][:1], loader, loader, schedule, checkpoint_dir=folder, resume=resume,
+                                 progress=False, log_fn=lambda line: None)[0]
+    whole = go(2, tmp_path / "whole")
+    go(1, tmp_path / "split")
+    resumed = go(2, tmp_path / "split", resume=True)
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key

@@ -13,9 +13,10 @@ from .io import export_onnx, load, load_state_dict_file, save
 from .measure import Profile, latency_ms, profile, speed_change
 from .models import ModelError, build, three_linear_head, vgg16_layout
 from .pruner import PruneResult, Pruner
+from .schedule import Schedule, prune_iteratively
 
 __all__ = [
     "CRITERIA", "ChannelGraph", "GraphError", "Group", "ModelError", "Profile", "PruneResult", "Pruner", "build",
-    "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "save", "speed_change", "three_linear_head",
-    "vgg16_layout",
+    "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "prune_iteratively", "save", "Schedule",
+    "speed_change", "three_linear_head", "vgg16_layout",
 ]

@@ -9,10 +9,10 @@ or, in your own script run under torchrun:
     train = ctx.sharded_loader(train_set, 32, shuffle=True, seed=0)
     ranking = ctx.sharded_loader(rank_set, 32)
     model, log = prune_iteratively(model, example, train, test_loader, schedule, rank_loader=ranking,
-                                   reduce=ctx.reduce, is_main=ctx.is_main, wrap=ctx.wrap, checkpoint_dir="ckpt")
+                                   context=ctx, device=ctx.device, checkpoint_dir="ckpt")
     ctx.teardown()
 
-Ranking statistics are summed over processes (`reduce`), so every process scores every channel
+Ranking statistics are summed over processes (`Context.reduce`), so every process scores every channel
 alike and removes the same ones; its shards repeat no example, so the sums equal one process's
 sums over the whole data set. Training shards are padded to equal size (DDP needs every process
 to take the same number of steps). The backend is gloo on CPU and nccl on GPU. Per process:
@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .data import make_loader
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +60,21 @@ class Context:
         x = t.detach().to(self.device, copy=True)
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x.to(t.device)
+
+    def mean(self, value: float) -> float:
+        """The mean of `value` over all processes (the training loss of equal shards, for instance)."""
+        one = torch.ones(1, dtype=torch.float64)
+        return (self.reduce(one * value) / self.reduce(one)).item()
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """fn() run in rank 0 only, its result given to every process. For measurements: latency (and
+        accuracy, BatchNorm statistics being per process) would differ between processes, and the
+        decisions taken on them must not."""
+        if self.world_size == 1:
+            return fn()
+        box = [fn() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def wrap(self, model: nn.Module, **ddp_options) -> nn.Module:
         """The module to train: DDP over `model` (call again after every surgery), or `model` itself."""

@@ -1,27 +1,25 @@
 """The iterative loop of 1611.06440: rank, remove the lowest channels, fine-tune, evaluate, repeat.
 
-Each iteration is logged and checkpointed (model + state, written atomically), and starts from
-a seed derived from its number, so a run resumed from iteration k's checkpoint continues exactly
-as the uninterrupted run would have.
+Each iteration is logged and checkpointed (see checkpoint.py), and starts from a seed derived from
+its number, so a run resumed from iteration k's checkpoint continues exactly as the uninterrupted
+run would have. Loss, evaluation and fine-tuning are the caller's to choose (defaults: cross-entropy,
+argmax accuracy, train.fine_tune); a distributed.Context shares the work among processes.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import io
-from .criteria import DATA_CRITERIA
+from . import checkpoint
+from .distributed import Context
 from .measure import latency_ms, profile
 from .pruner import Pruner
 from .surgery import remove_units
@@ -35,9 +33,12 @@ class Schedule:
     step: units removed per iteration, a count (>= 1) or a fraction of the original units (the
     blog: 512 of VGG16's 4224 filters, 0.12). Stops at the first target met: target_macs (MACs
     reduction factor), target_speedup (measured latency at batch latency_batch), target_size
-    (size on disk reduction), max_iterations, or max_accuracy_drop (percentage points on the
-    evaluation data: the last model within it is kept). latency_aware: measure what each group's
-    channels cost in time on this device and use that in place of MACs in the regularisation.
+    (size on disk reduction), max_iterations, or max_accuracy_drop (percentage points of `metric`,
+    a higher-is-better fraction from the evaluation: the last model within it is kept).
+    Recovery: distill (weight a of the distillation loss from the unpruned model, Hinton et al.
+    2015: (1 - a) * task loss + a * KD at `temperature`), amp (bf16 autocast while training),
+    channels_last. latency_aware: measure what each group's channels cost in time on this device,
+    at latency_batch, and use that in place of MACs in the regularisation (flops_lambda).
     """
 
     criterion: str = "taylor"
@@ -49,9 +50,14 @@ class Schedule:
     target_speedup: float | None = None
     target_size: float | None = None
     max_accuracy_drop: float | None = None
+    metric: str = "accuracy"
     lr: float = 1e-3
     optimizer: str = "sgd"
     weight_decay: float = 0.0
+    distill: float = 0.0
+    temperature: float = 4.0
+    amp: bool = False
+    channels_last: bool = False
     flops_lambda: float = 0.0
     latency_aware: bool = False
     latency_batch: int = 1
@@ -59,34 +65,15 @@ class Schedule:
     min_channels: int | dict = 1
     rank_batches: int | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, damaged or from a different run."""
-
-
-def _measure(model: nn.Module, example: torch.Tensor, evaluation: dict, batch: int, device: str) -> dict:
-    prof = profile(model, example, batch_sizes=(batch,), device=device, min_run_time=0.3).as_dict()
-    return {**evaluation, **{k: prof[k] for k in ("params", "size_mb", "macs", f"latency_ms_b{batch}", "device", "dtype", "threads")}}
-
-
-def _on_main(fn: Callable):
-    """fn() in rank 0 only, its result in every process of a torch.distributed run: measured latency
-    (and accuracy, BN statistics being per process) would differ, and decisions must not."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1):
-        return fn()
-    box = [fn() if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", share: float = 0.25) -> torch.Tensor:
-    """Milliseconds each unit costs on this device: prune `share` of one group at a time from a copy
-    and time it. Scaled so the total equals the MACs total (in MMACs): only the spread changes,
-    and flops_lambda keeps its meaning."""
-    example = pruner.example_inputs[0][:1].expand(batch, *pruner.example_inputs[0].shape[1:]).contiguous()
+    """Milliseconds each unit costs on this device at this batch size (in the model's dtype): prune
+    `share` of one group at a time from a copy and time it. Scaled so the total equals the MACs
+    total (in MMACs): only the spread changes, and flops_lambda keeps its meaning."""
+    first = pruner.example_inputs[0]
+    dtype = next(pruner.model.parameters()).dtype
+    example = first[:1].expand(batch, *first.shape[1:]).to(dtype if first.is_floating_point() else first.dtype).contiguous()
     base = latency_ms(pruner.model, example, device=device, min_run_time=0.3)
     cost = torch.zeros(pruner.graph.num_units, dtype=torch.float64)
     for group in pruner.groups:
@@ -103,6 +90,149 @@ def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", shar
     return cost * (macs.sum() / cost.sum()) if cost.sum() > 0 else macs
 
 
+def prune_iteratively(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    train_loader: Iterable | None,
+    eval_loader: Iterable | None,
+    schedule: Schedule,
+    *,
+    loss_fn: Callable = nn.functional.cross_entropy,
+    evaluate_fn: Callable[[nn.Module], dict] | None = None,
+    fine_tune_fn: Callable[[nn.Module, int], None] | None = None,
+    rank_loader: Iterable | None = None,
+    ignore: Iterable[str] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    log_fn: Callable[[str], None] = print,
+    context: Context | None = None,
+) -> tuple[nn.Module, dict]:
+    """Prune `model` by `schedule`; returns the pruned model and the run log.
+
+    loss_fn(logits, targets): for ranking and the default fine-tuning. evaluate_fn(model) -> dict
+    with schedule.metric (default: accuracy and loss on eval_loader); eval_loader decides
+    max_accuracy_drop, so it should be validation data, not the final test set.
+    fine_tune_fn(model, epochs): your own training loop in place of train.fine_tune (then
+    train_loader is only ranked on, when rank_loader is None; distill/amp/channels_last are yours).
+    ignore: names of modules whose outputs are kept (the classifier). context: for distributed runs
+    (distributed.setup()); None is one process.
+    """
+    ctx = context or Context(device=device)
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    example_inputs = _to(example_inputs, device)
+    evaluate_fn = evaluate_fn or (lambda m: evaluate(m, eval_loader, device=device, progress=progress))
+    start = time.perf_counter()
+
+    def measured(m: nn.Module) -> dict:  # taken on rank 0 and shared, so every process decides alike
+        return ctx.on_main(lambda: {**_measure(m, example_inputs, evaluate_fn(m), schedule, device),
+                                    "wall_s": round(time.perf_counter() - start, 1)})
+
+    model, log, teacher, iteration = _start(model, example_inputs, schedule, ignore, folder, resume, ctx, device, measured, log_fn)
+    tune = _Tuner(schedule, train_loader, loss_fn, fine_tune_fn, teacher, ctx, device, progress)
+    pruner = _pruner(model, example_inputs, schedule, ignore)
+    log.setdefault("original_units", sum(g.size for g in pruner.groups))
+    log.setdefault("channels_before", {g.name: g.size for g in pruner.groups})
+    step = int(schedule.step if schedule.step >= 1 else round(schedule.step * log["original_units"]))
+    while not (stop := _target_reached(schedule, log["baseline"], log["iterations"][-1] if log["iterations"] else None, iteration)):
+        iteration += 1
+        _seed(schedule, iteration, (train_loader, rank_loader))
+        previous = copy.deepcopy(model) if schedule.max_accuracy_drop is not None else None
+        result = _prune_step(pruner, schedule, rank_loader or train_loader, loss_fn, ctx, device, progress, step)
+        if result.count == 0:
+            stop = "nothing left to remove within the per-layer minimums"
+            break
+        train_loss = tune(model, schedule.epochs, f"iteration {iteration}")
+        entry = {**measured(model), "iteration": iteration, "removed": result.count, "removed_per_group": result.removed_per_group,
+                 "channels": result.channels, "train_loss": train_loss}
+        log["iterations"].append(entry)
+        log_fn(_line(entry, log["baseline"], schedule))
+        if _lost_too_much(schedule, log["baseline"], entry):
+            model, entry["rejected"] = previous, True
+            stop = f"iteration {iteration} lost more than {schedule.max_accuracy_drop} points; kept iteration {iteration - 1}"
+            break
+        if folder is not None and ctx.is_main:
+            checkpoint.save(folder, model, log, iteration)
+    log["stopped"] = stop
+    if schedule.final_epochs:
+        _seed(schedule, 10_000, (train_loader,))
+        log["final_fine_tune"] = {"epochs": schedule.final_epochs, "train_loss": tune(model, schedule.final_epochs, "final fine-tune")}
+    log["final"] = measured(model)
+    log["wall_s"] = round(log.get("wall_s", 0.0) + log["final"].pop("wall_s"), 1)
+    return model, log
+
+
+def _start(model: nn.Module | None, example_inputs, schedule: Schedule, ignore, folder: Path | None, resume: bool, ctx: Context,
+           device: str, measured: Callable, log_fn: Callable) -> tuple[nn.Module, dict, nn.Module | None, int]:
+    """The model, log, teacher and iteration to start from: a checkpoint's, or the baseline's."""
+    if resume and folder is not None:
+        model, log, done = checkpoint.load(folder)
+        checkpoint.check_same_run(folder, log.get("schedule", {}), asdict(schedule), _SAME_ON_RESUME)
+        teacher = checkpoint.load_teacher(folder) if schedule.distill else None
+        log_fn(f"resumed from {folder} after iteration {done}")
+        model.to(device)
+    else:
+        check_reachable(model, example_inputs, schedule, ignore)  # fails before any work if it cannot succeed
+        baseline = measured(model.to(device))  # on the device it is measured and evaluated on
+        baseline.pop("wall_s")
+        log = {"schedule": asdict(schedule), "baseline": baseline, "iterations": [], "stopped": None, "wall_s": 0.0}
+        done = 0
+        # The unpruned model, frozen: the teacher of distillation
+        teacher = copy.deepcopy(model).requires_grad_(False) if schedule.distill else None
+        if folder is not None and ctx.is_main:  # a run killed in iteration 1 resumes here
+            if teacher is not None:
+                checkpoint.save_teacher(folder, teacher)
+            checkpoint.save(folder, model, log, 0)
+    if teacher is not None:
+        teacher.to(device).eval()
+    return model, log, teacher, done
+
+
+class _Tuner:
+    """Fine-tunes the model between steps and at the end: the caller's function, or train.fine_tune
+    (with distillation from the teacher); returns the mean training loss over processes, if known."""
+
+    def __init__(self, schedule: Schedule, loader, loss_fn, fine_tune_fn, teacher, ctx: Context, device: str, progress: bool):
+        self.schedule, self.loader, self.loss_fn, self.fine_tune_fn, self.teacher = schedule, loader, loss_fn, fine_tune_fn, teacher
+        self.ctx, self.device, self.progress = ctx, device, progress
+
+    def __call__(self, model: nn.Module, epochs: int, desc: str) -> float | None:
+        if epochs == 0:
+            return None
+        s, trained = self.schedule, self.ctx.wrap(model)  # DDP after every surgery: the shapes changed
+        if self.fine_tune_fn is not None:
+            self.fine_tune_fn(trained, epochs)
+            return None
+        history = fine_tune(trained, self.loader, epochs, s.lr, s.optimizer, s.weight_decay, self.device, self.progress, desc,
+                            loss_fn=self.loss_fn, teacher=self.teacher, distill=s.distill, temperature=s.temperature, amp=s.amp,
+                            channels_last=s.channels_last)
+        return self.ctx.mean(history[-1]["loss"])  # the mean over all processes' (equal) shards
+
+
+def _prune_step(pruner: Pruner, schedule: Schedule, loader, loss_fn, ctx: Context, device: str, progress: bool, step: int):
+    """Rank (data criteria only: the others need no data) with the measured cost if asked, and remove `step` units."""
+    if schedule.latency_aware and schedule.flops_lambda:
+        cost = ctx.on_main(lambda: measured_unit_cost(pruner, schedule.latency_batch, device))
+        pruner.unit_cost = lambda _p: cost
+    pruner.rank(loader, loss_fn, device=device, max_batches=schedule.rank_batches, progress=progress, reduce=ctx.reduce)
+    return pruner.prune(step)
+
+
+def _measure(model: nn.Module, example, evaluation: dict, schedule: Schedule, device: str) -> dict:
+    if schedule.metric not in evaluation:
+        raise ValueError(f"the evaluation gave {sorted(evaluation)}, not {schedule.metric!r}: return it from evaluate_fn, "
+                         "or set Schedule(metric=...) to one of these")
+    batch = schedule.latency_batch
+    prof = profile(model, example, batch_sizes=(batch,), device=device, min_run_time=0.3).as_dict()
+    return {**evaluation, **{k: prof[k] for k in ("params", "size_mb", "macs", f"latency_ms_b{batch}", "device", "dtype", "threads")}}
+
+
+def _lost_too_much(schedule: Schedule, base: dict, entry: dict) -> bool:
+    drop = 100 * (base[schedule.metric] - entry[schedule.metric])
+    return schedule.max_accuracy_drop is not None and drop > schedule.max_accuracy_drop
+
+
 def _seed(schedule: Schedule, iteration: int, loaders: Iterable) -> None:
     torch.manual_seed(schedule.seed * 100_003 + iteration)
     for loader in loaders:
@@ -111,156 +241,14 @@ def _seed(schedule: Schedule, iteration: int, loaders: Iterable) -> None:
             generator.manual_seed(schedule.seed * 100_003 + iteration)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def save_checkpoint(folder: Path, model: nn.Module, log: dict, iteration: int) -> None:
-    """Model first, then the state that names it: a crash between the two leaves the old pair intact."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model_file = folder / f"model-{iteration:03d}.safetensors"
-    io.save(model, model_file)
-    _write_json(folder / "state.json", {"iteration": iteration, "model": model_file.name, "sha256": _sha256(model_file), "log": log})
-    for old in folder.glob("model-*.safetensors"):
-        if old != model_file:
-            old.unlink()
-    for stale in folder.glob(".model-*"):  # temporary files of a write that was killed
-        stale.unlink(missing_ok=True)
-
-
-def load_checkpoint(folder: Path) -> tuple[nn.Module, dict, int]:
-    """The last finished iteration's model, log and number; damage is reported, never used."""
-    state_file = folder / "state.json"
-    if not state_file.exists():
-        raise CheckpointError(f"no checkpoint in {folder}: start without --resume")
-    try:
-        state = json.loads(state_file.read_text())
-        model_file = folder / state["model"]
-        if _sha256(model_file) != state["sha256"]:
-            raise CheckpointError(f"checkpoint {model_file} does not match its recorded checksum: it is damaged; "
-                                  f"delete it to start over (without --resume)")
-        return io.load(model_file), state["log"], state["iteration"]
-    except (ValueError, KeyError, TypeError, OSError) as err:
-        raise CheckpointError(f"checkpoint in {folder} is damaged ({err}); delete it to start over") from err
-
-
-def prune_iteratively(
-    model: nn.Module,
-    example_inputs: torch.Tensor,
-    train_loader: Iterable,
-    eval_loader: Iterable,
-    schedule: Schedule,
-    rank_loader: Iterable | None = None,
-    ignore: Iterable[str] = (),
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    device: str = "cpu",
-    progress: bool = True,
-    log_fn: Callable[[str], None] = print,
-    reduce: Callable | None = None,
-    is_main: bool = True,
-    wrap: Callable[[nn.Module], nn.Module] | None = None,
-) -> tuple[nn.Module, dict]:
-    """Prune `model` by `schedule`; returns the pruned model and the run log.
-
-    ignore: names of modules whose outputs are kept (the classifier). eval_loader decides
-    max_accuracy_drop, so it should be validation data, not the final test set.
-    reduce / is_main / wrap: for distributed runs (see distributed.py): how to sum statistics
-    across processes, whether this process writes files, and how to wrap the model for training.
-    """
-    folder = Path(checkpoint_dir) if checkpoint_dir else None
-    start = time.perf_counter()
-    batch = schedule.latency_batch
-
-    def measured() -> dict:  # of the current `model`, taken on rank 0 and shared so every process decides alike
-        return _on_main(lambda: _measure(model, example_inputs, evaluate(model, eval_loader, device=device, progress=progress), batch, device))
-    if resume and folder is not None:
-        model, log, done = load_checkpoint(folder)
-        _check_same_run(folder, log.get("schedule", {}), schedule)
-        log_fn(f"resumed from {folder} after iteration {done}")
-    else:
-        check_reachable(model, example_inputs, schedule, ignore)  # fails before any work if it cannot succeed
-        baseline = measured()
-        log = {"schedule": asdict(schedule), "baseline": baseline, "iterations": [], "stopped": None, "wall_s": 0.0}
-        done = 0
-    model.to(device)
-    base = log["baseline"]
-    pruner = _pruner(model, example_inputs, schedule, ignore)
-    log.setdefault("original_units", sum(g.size for g in pruner.groups))
-    log.setdefault("channels_before", {g.name: g.size for g in pruner.groups})
-    step = int(schedule.step if schedule.step >= 1 else round(schedule.step * log["original_units"]))
-    if folder is not None and is_main and not resume:  # the unpruned model: a run killed in iteration 1 resumes here
-        save_checkpoint(folder, model, log, 0)
-    best = None
-    iteration = done
-    while True:
-        stop = _target_reached(schedule, base, log["iterations"][-1] if log["iterations"] else None, iteration)
-        if stop:
-            log["stopped"] = stop
-            break
-        iteration += 1
-        _seed(schedule, iteration, (train_loader, rank_loader))
-        if schedule.max_accuracy_drop is not None:
-            best = copy.deepcopy(model)
-        if schedule.latency_aware and schedule.flops_lambda:
-            cost = _on_main(lambda: measured_unit_cost(pruner, batch, device))
-            pruner.unit_cost = lambda _p, cost=cost: cost
-        if schedule.criterion in DATA_CRITERIA:
-            pruner.rank(rank_loader or train_loader, nn.functional.cross_entropy, device=device,
-                        max_batches=schedule.rank_batches, progress=progress, reduce=reduce)
-        result = pruner.prune(step)
-        if result.count == 0:
-            log["stopped"] = "nothing left to remove within the per-layer minimums"
-            break
-        trained = wrap(model) if wrap else model
-        history = fine_tune(trained, train_loader, schedule.epochs, schedule.lr, schedule.optimizer, schedule.weight_decay,
-                            device, progress, desc=f"iteration {iteration}")
-        train_loss = history[-1]["loss"] if history else None
-        if train_loss is not None and reduce is not None:  # the mean over all processes' (equal) shards
-            one = torch.ones(1, dtype=torch.float64)
-            train_loss = (reduce(one * train_loss) / reduce(one)).item()
-        entry = measured()
-        entry.update(iteration=iteration, removed=result.count, removed_per_group=result.removed_per_group,
-                     channels=result.channels, train_loss=train_loss,
-                     wall_s=round(time.perf_counter() - start, 1))
-        log["iterations"].append(entry)
-        log_fn(_line(entry, base, batch))
-        if schedule.max_accuracy_drop is not None and 100 * (base["accuracy"] - entry["accuracy"]) > schedule.max_accuracy_drop:
-            model, log["iterations"][-1]["rejected"] = best, True
-            log["stopped"] = f"iteration {iteration} lost more than {schedule.max_accuracy_drop} points; kept iteration {iteration - 1}"
-            break
-        if folder is not None and is_main:
-            save_checkpoint(folder, model, log, iteration)
-    if schedule.final_epochs:
-        _seed(schedule, 10_000, (train_loader,))
-        fine_tune(wrap(model) if wrap else model, train_loader, schedule.final_epochs, schedule.lr, schedule.optimizer,
-                  schedule.weight_decay, device, progress, desc="final fine-tune")
-    log["final"] = measured()
-    log["wall_s"] = round(log.get("wall_s", 0.0) + time.perf_counter() - start, 1)
-    return model, log
+def _to(inputs, device: str):
+    return tuple(x.to(device) for x in inputs) if isinstance(inputs, (tuple, list)) else inputs.to(device)
 
 
 # Options that change what a run computes: a resumed run must use the same ones (targets and the
 # number of iterations may change).
-_SAME_ON_RESUME = ("criterion", "step", "epochs", "lr", "optimizer", "weight_decay", "flops_lambda", "latency_aware",
-                   "latency_batch", "round_to", "min_channels", "rank_batches", "seed")
-
-
-def _check_same_run(folder: Path, saved: dict, schedule: Schedule) -> None:
-    now = asdict(schedule)
-    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in _SAME_ON_RESUME if saved.get(k) != now[k]]
-    if changed:
-        raise CheckpointError(f"the checkpoint in {folder} was made with other options ({', '.join(changed)}): resume with "
-                              "the same options, or start without --resume (or with another output folder)")
+_SAME_ON_RESUME = ("criterion", "step", "epochs", "lr", "optimizer", "weight_decay", "distill", "temperature", "amp", "channels_last",
+                   "flops_lambda", "latency_aware", "latency_batch", "round_to", "min_channels", "rank_batches", "seed")
 
 
 def check_reachable(model: nn.Module, example_inputs, schedule: Schedule, ignore: Iterable[str] = ()) -> dict[str, float]:
@@ -321,8 +309,10 @@ def _target_reached(schedule: Schedule, base: dict, last: dict | None, iteration
     return None
 
 
-def _line(entry: dict, base: dict, batch: int) -> str:
-    key = f"latency_ms_b{batch}"
-    return (f"iteration {entry['iteration']}: removed {entry['removed']}, accuracy {100 * entry['accuracy']:.2f}% "
-            f"(baseline {100 * base['accuracy']:.2f}%), MACs {base['macs'] / entry['macs']:.2f}x fewer, "
-            f"size {entry['size_mb']:.1f} MB, latency b{batch} {entry[key]:.2f} ms ({base[key] / entry[key]:.2f}x faster)")
+def _line(entry: dict, base: dict, schedule: Schedule) -> str:
+    key, metric = f"latency_ms_b{schedule.latency_batch}", schedule.metric
+    ratio = base[key] / entry[key]
+    speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    return (f"iteration {entry['iteration']}: removed {entry['removed']}, {metric} {100 * entry[metric]:.2f}% "
+            f"(baseline {100 * base[metric]:.2f}%), MACs {base['macs'] / entry['macs']:.2f}x fewer, "
+            f"size {entry['size_mb']:.1f} MB, latency b{schedule.latency_batch} {entry[key]:.2f} ms ({speed})")

@@ -53,7 +53,7 @@ def torchrun_worker(folder: Path, cli_args: list[str]) -> None:
     """One process of the torchrun launch (see WORKER): library checks, then the CLI."""
     rank = int(os.environ["RANK"])
     # Timing is slow and differs between processes: here it differs on purpose (only rank 0's may count).
-    measure._median_ms = lambda *args, **kwargs: 1.0 + rank
+    measure._timed_ms = lambda *args, **kwargs: (1.0 + rank, 0.0)
     ctx = setup("cpu")
     try:
         assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.backend) == (rank, 2, rank == 0, "gloo")
@@ -117,7 +117,7 @@ def two_processes(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def constant_latency(monkeypatch):
-    monkeypatch.setattr(measure, "_median_ms", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(measure, "_timed_ms", lambda *args, **kwargs: (1.0, 0.0))
 
 
 @pytest.mark.parametrize("n, batch", SIZES)

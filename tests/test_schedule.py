@@ -400,6 +400,7 @@ def latency_from_macs(monkeypatch):
     def profile(model, example, batch_sizes=(1,), **kwargs):
         prof = real(model, example, latency=False)
         prof.latency_ms = {b: b * prof.macs / 1e4 for b in batch_sizes}
+        prof.latency_iqr_ms = {b: 0.0 for b in batch_sizes}
         return prof
     monkeypatch.setattr(schedule, "profile", profile)
 

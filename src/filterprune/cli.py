@@ -29,7 +29,8 @@ from torch import nn
 from . import data, io, models
 from .criteria import CRITERIA
 from .graph import GraphError
-from .schedule import CheckpointError, Schedule, check_reachable, prune_iteratively
+from .checkpoint import CheckpointError
+from .schedule import Schedule, check_reachable, prune_iteratively
 from .train import evaluate, fine_tune
 
 USER_ERRORS = (data.DataError, models.ModelError, CheckpointError, GraphError, ValueError, FileNotFoundError)
@@ -142,8 +143,7 @@ def cmd_prune(args) -> int:
                             min_channels=args.min_channels, rank_batches=args.rank_batches, seed=args.seed)
         pruned, log = prune_iteratively(model, example, loader, test_loader, schedule, rank_loader=rank_loader, ignore=args.ignore,
                                         checkpoint_dir=out / "checkpoint", resume=args.resume, device=device, progress=not args.quiet,
-                                        log_fn=print if ctx.is_main else (lambda line: None), reduce=ctx.reduce if many else None,
-                                        is_main=ctx.is_main, wrap=ctx.wrap if many else None)
+                                        log_fn=print if ctx.is_main else (lambda line: None), context=ctx)
         if not ctx.is_main:
             return 0
         # Written under a temporary name and renamed only after the report: a failure (a full disk)

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import checkpoint
 from .distributed import Context
-from .measure import latency_ms, profile
+from .measure import latency_ms, profile, speed_change
 from .pruner import Pruner
 from .surgery import remove_units
 from .train import evaluate, fine_tune
@@ -225,7 +225,8 @@ def _measure(model: nn.Module, example, evaluation: dict, schedule: Schedule, de
                          "or set Schedule(metric=...) to one of these")
     batch = schedule.latency_batch
     prof = profile(model, example, batch_sizes=(batch,), device=device, min_run_time=0.3).as_dict()
-    return {**evaluation, **{k: prof[k] for k in ("params", "size_mb", "macs", f"latency_ms_b{batch}", "device", "dtype", "threads")}}
+    kept = ("params", "size_mb", "macs", f"latency_ms_b{batch}", f"latency_iqr_ms_b{batch}", "device", "dtype", "threads")
+    return {**evaluation, **{k: prof[k] for k in kept}}
 
 
 def _lost_too_much(schedule: Schedule, base: dict, entry: dict) -> bool:
@@ -311,8 +312,8 @@ def _target_reached(schedule: Schedule, base: dict, last: dict | None, iteration
 
 def _line(entry: dict, base: dict, schedule: Schedule) -> str:
     key, metric = f"latency_ms_b{schedule.latency_batch}", schedule.metric
-    ratio = base[key] / entry[key]
-    speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    spread = f"latency_iqr_ms_b{schedule.latency_batch}"
+    speed = speed_change(base[key], entry[key], base.get(spread, 0.0), entry.get(spread, 0.0))
     return (f"iteration {entry['iteration']}: removed {entry['removed']}, {metric} {100 * entry[metric]:.2f}% "
             f"(baseline {100 * base[metric]:.2f}%), MACs {base['macs'] / entry['macs']:.2f}x fewer, "
             f"size {entry['size_mb']:.1f} MB, latency b{schedule.latency_batch} {entry[key]:.2f} ms ({speed})")

@@ -129,8 +129,11 @@ class _LabelRun(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         # The graph was traced in train mode, so a norm called as a function asks to use (and
         # update) batch statistics; with running statistics given, use them as eval mode does.
-        if target is F.batch_norm and len(args) > 5 and args[1] is not None and args[2] is not None:
-            args = args[:5] + (False,) + args[6:]
+        if target is F.batch_norm and len(args) > 2 and args[1] is not None and args[2] is not None:
+            if "training" in kwargs or len(args) <= 5:
+                kwargs = {**kwargs, "training": False}
+            else:
+                args = args[:5] + (False,) + args[6:]
         return super().call_function(target, args, kwargs)
 
 
@@ -208,7 +211,8 @@ class ChannelGraph:
             return self._module(node, node.target, self.model.get_submodule(node.target), in_labels, value)
         owner = self._functional_owner(node, run) if node.target in ops.FUNCTIONAL_LAYERS else None
         if owner is not None:
-            return self._module(node, *owner, in_labels, value)
+            name, module, derived = owner
+            return self._module(node, name, module, in_labels, value, derived)
         args, kwargs = run.fetch_args_kwargs_from_env(node)
         return self._function(node, args, kwargs, label_args, label_kwargs, in_labels, value)
 

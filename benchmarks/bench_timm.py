@@ -20,13 +20,13 @@ import filterprune as fp
 
 # (model, input size): the smallest size each accepts with a sensible feature map.
 MODELS = [
-    ("resnet18", 64), ("resnet50d", 64), ("resnext26ts", 64), ("seresnext26d_32x4d", 64), ("resnetv2_50", 64),
+    ("resnet18", 64), ("resnet50d", 64), ("resnext26ts", 64), ("seresnext26d_32x4d", 64), ("resnetv2_50x1_bit", 64),
     ("efficientnet_b0", 64), ("tf_efficientnet_b0", 64), ("mobilenetv2_100", 64), ("mobilenetv3_large_100", 64),
     ("regnetx_002", 64), ("regnety_002", 64), ("densenet121", 64), ("inception_v3", 96), ("convnext_atto", 64),
     ("dla34", 64), ("dpn48b", 64), ("ghostnet_100", 64), ("hrnet_w18_small", 64), ("mixnet_s", 64),
     ("rexnet_100", 64), ("cspresnet50", 64), ("cspdarknet53", 64), ("ese_vovnet19b_dw", 64), ("selecsls42b", 64),
     ("hardcorenas_a", 64), ("lcnet_050", 64), ("repvgg_a0", 64), ("res2net50_14w_8s", 64), ("skresnet18", 64),
-    ("nf_resnet26", 64), ("gernet_s", 64), ("fbnetv3_b", 64), ("tinynet_e", 64), ("resnet18d", 64),
+    ("nf_resnet26", 64), ("gernet_s", 64), ("fbnetv3_b", 64),
 ]
 
 

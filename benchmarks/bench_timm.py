@@ -60,7 +60,11 @@ def run(name: str, size: int, share: float) -> dict:
         row["exact"] = f"no: {type(err).__name__}: {str(err)[:80]}"
         pruner = None
     row["seconds"] = time.perf_counter() - start
-    after = macs(model, x)
+    try:
+        after = macs(model, x)
+    except RuntimeError as err:  # a failed removal that could not be undone
+        row["exact"] += f"; broken model: {str(err)[:60]}"
+        after = before
     row["factor"] = before / after
     row["skipped"] = len(pruner.skipped) if pruner else "-"
     row["first skip"] = (pruner.skipped[0][:110] if pruner and pruner.skipped else "")

@@ -155,11 +155,12 @@ class ChannelGraph:
         self._params = dict(model.named_parameters())
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
-        gm = _trace(model)
-        # Run as in eval mode; preserved_state also undoes any in-place update the traced train-mode
-        # graph makes (a norm's num_batches_tracked += 1, instance-norm statistics).
-        with evaluating(model), preserved_state(model), torch.no_grad():
-            _LabelRun(gm, self).run(*example_inputs)
+        # preserved_state undoes in-place updates of buffers: tracing in train mode runs timm's
+        # `num_batches_tracked.add_(1)` for real, and the traced graph does it again.
+        with preserved_state(model):
+            gm = _trace(model)
+            with evaluating(model), torch.no_grad():  # norms use their running statistics
+                _LabelRun(gm, self).run(*example_inputs)
         self._build_groups()
 
     # ---- labels -------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ class ChannelGraph:
             for d in ops.split_dims(fn, args, kwargs, x_lab):
                 if not ops.varies_along(x_lab, d):
                     continue
-                pieces = ops.equal_pieces(fn, args, kwargs, x_lab.shape[d])
+                pieces = ops.equal_pieces(node, args, kwargs, x_lab.shape[d])
                 if pieces is None:
                     return self._skip(node, f"'{ops.name_of(fn)}'", "it cuts the channel axis at fixed positions", in_labels, value)
                 self._unite_strided(x_lab, pieces, d)  # equal pieces stay equal

@@ -160,12 +160,18 @@ def split_dims(fn, args, kwargs, x_lab: torch.Tensor) -> list[int]:
     return [dim % ndim]
 
 
-def equal_pieces(fn, args, kwargs, size: int) -> int | None:
-    """How many equal pieces a chunk/split makes of an axis of `size`, or None if unequal."""
+def equal_pieces(node: fx.Node, args, kwargs, size: int) -> int | None:
+    """How many equal pieces a chunk/split makes of an axis of `size`, if that survives pruning.
+
+    chunk(n) keeps making n equal pieces of a smaller axis; split(s) only if s is computed from
+    the tensor's size, not a literal (or a module attribute, which fx records as one).
+    """
+    fn = node.target
     n = args[1] if len(args) > 1 else kwargs.get("chunks", kwargs.get("split_size_or_sections", kwargs.get("split_size")))
+    written = node.args[1] if len(node.args) > 1 else None
     if fn in {torch.chunk, "chunk"} and isinstance(n, int) and size % n == 0:
         return n
-    if fn in {torch.split, "split"} and isinstance(n, int) and size % n == 0:
+    if fn in {torch.split, "split"} and isinstance(written, fx.Node) and isinstance(n, int) and size % n == 0:
         return size // n
     return None
 

@@ -219,3 +219,19 @@ def test_concat_offsets():
     pruner = fp.Pruner(Concat(), torch.randn(1, 3, 8, 8), criterion="l1")
     sizes = {g.name: g.size for g in pruner.groups}
     assert sizes == {"a": 4, "b": 6}
+
+
+@pytest.mark.parametrize("shuffle", [nn.ChannelShuffle(2), lambda x: torch.channel_shuffle(x, 2)])
+def test_channel_shuffle_module_and_function_are_exact(shuffle):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.shuffle, self.b = nn.Conv2d(3, 8, 3), shuffle, nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.shuffle(self.a(x)))
+
+    pruner = fp.Pruner(Net(), torch.randn(1, 3, 8, 8), criterion="random")
+    assert [g.size for g in pruner.groups] == [4]
+    pruner.prune(2)  # self-checked against the zeroed unpruned model
+    assert pruner.model.a.out_channels == 4

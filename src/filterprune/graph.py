@@ -3,14 +3,22 @@
 The model is traced with torch.fx and run once on the example inputs. Beside every real tensor we
 carry a *label tensor* of the same shape whose entries are channel ids:
 
-- a layer that creates channels (a conv or Linear) gives its outputs fresh ids;
+- a layer that creates channels (a conv or Linear) gives its outputs fresh ids; a functional call
+  (F.conv2d, F.batch_norm, F.layer_norm ...) made with one layer's own tensors maps like a call of
+  that layer (timm's BatchNormAct2d, std-convs); values computed from layer tensors alone (a
+  standardised weight) carry no channels;
 - an op that only moves data (view, transpose, cat, getitem, pixel_shuffle ...) is applied to the
   label tensor itself, so offsets and permutations are tracked exactly, never assumed;
 - an element-wise op between tensors (a residual add, a squeeze-excite multiply, a layer scale)
   unites the ids it combines, because those channels can only be removed together;
 - anything else is *pinned*: its ids are united with id 0, which is never removed. So is an op
   whose meaning would change once channels are gone (splitting or indexing the channel axis, a
-  literal channel count in a view, a norm across channels), and so are the model's outputs.
+  literal channel count in a view), and so are the model's outputs. Splitting the channel axis
+  into g equal blocks (a channel shuffle's view, chunk) unites index k of every block, so the
+  blocks stay equal and the permutation stays the same kind of permutation.
+
+The run is a torch.fx.Interpreter in eval mode; buffers are given back afterwards, so building a
+graph never changes the model.
 
 What comes out is a list of *slots*: each is one axis of one layer (the output rows of a conv,
 the input columns of the next one, the features of a BatchNorm ...) with the channel id at every
@@ -263,8 +271,10 @@ class ChannelGraph:
         if isinstance(module, ops.NORMS + (nn.PReLU,) + ops.CHANNEL_WISE):
             return self._channel_wise(x_lab, value)
         if isinstance(module, ops.DATA_MOVEMENT_MODULES):
-            if isinstance(module, (nn.Unflatten, nn.ChannelShuffle)) and ops.varies_along(x_lab, getattr(module, "dim", 1)):
+            if isinstance(module, nn.Unflatten) and ops.varies_along(x_lab, module.dim):
                 return self._skip(node, type(module).__name__, "it splits the channel axis", in_labels, value)
+            if isinstance(module, nn.ChannelShuffle) and ops.varies_along(x_lab, 1):
+                self._unite_strided(x_lab, module.groups)
             if isinstance(module, nn.PixelShuffle):
                 self._unite_blocks(x_lab, module.upscale_factor**2)
             return module(x_lab)

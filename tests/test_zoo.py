@@ -64,3 +64,15 @@ def test_timm_models_prune_exactly(name):
     assert all(s.exact for s in pruner.graph.slots)
     pruner.prune(int(0.3 * sum(g.size for g in pruner.groups)))  # the self-check raises if not exact
     assert before / macs(model, x) > 1.5
+
+
+def test_weight_standardised_convs_prune_and_say_their_inputs_are_inexact():
+    # timm's StdConv2d standardises each output row of its weight: removing an input channel
+    # changes the mean and variance of the rows that stay, so its inputs cannot be exact.
+    model = nn.Sequential(timm.layers.StdConv2d(3, 8, 3), nn.ReLU(), timm.layers.StdConv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    pruner = fp.Pruner(model, x, criterion="l1", verify=False)
+    exact = {(s.module, s.role): s.exact for s in pruner.graph.slots}
+    assert exact == {("0", "in"): False, ("0", "out"): True, ("2", "in"): False, ("2", "out"): True}
+    pruner.prune(2)
+    assert model[0].out_channels == 6 and model[2].in_channels == 6 and model(x).shape == (1, 4, 8, 8)

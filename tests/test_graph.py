@@ -99,7 +99,7 @@ def test_ignored_and_output_layers_keep_their_channels():
 
 
 class Shuffle(nn.Module):
-    """Channel shuffle with a split of the channel axis: removal would change the permutation."""
+    """Channel shuffle: a split of the channel axis into (groups, channels per group)."""
 
     def __init__(self):
         super().__init__()
@@ -152,13 +152,31 @@ class Concat(nn.Module):
         return self.c(torch.cat([self.a(x), torch.relu(self.b(x))], dim=1))
 
 
-def test_channel_shuffle_is_left_out_not_assumed():
-    model = Shuffle()
-    with pytest.raises(fp.GraphError, match="splits the channel axis"):
+class LiteralShuffle(Shuffle):
+    """The same shuffle with the channels per group written as a literal: wrong once pruned."""
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.b(x)
+
+
+def test_channel_shuffle_prunes_channel_k_of_every_group_together():
+    pruner = fp.Pruner(Shuffle(), torch.randn(1, 3, 8, 8), criterion="random")
+    (group,) = pruner.groups
+    assert group.size == 4, "8 channels in 2 groups: each unit is channel k of both groups"
+    result = pruner.prune(1)  # the pruner's self-check compares with the zeroed unpruned model
+    assert len(result.removed["a"]) == 2 and pruner.model.a.out_channels == 6
+
+
+def test_literal_channel_count_is_left_out_not_assumed():
+    model = LiteralShuffle()
+    with pytest.raises(fp.GraphError, match="literal channel count"):
         ChannelGraph(model, torch.randn(1, 3, 8, 8), strict=True)
     pruner = fp.Pruner(model, torch.randn(1, 3, 8, 8), criterion="l1")
-    assert pruner.groups == [] and "splits the channel axis" in pruner.skipped[0]
-    assert "x = x.view(n, 2, c // 2, h, w)" in pruner.skipped[0], "the message points at the user's line"
+    assert pruner.groups == [] and "literal channel count" in pruner.skipped[0]
+    assert "x = x.view(n, 2, 4, h, w)" in pruner.skipped[0], "the message points at the user's line"
 
 
 def test_unknown_op_is_named():
@@ -174,7 +192,7 @@ def test_unknown_op_is_named():
         ChannelGraph(Odd(), torch.randn(1, 3, 8, 8), strict=True)
 
 
-@pytest.mark.parametrize("cls", [Permute, PixelShuffle, LayerScale, Concat])
+@pytest.mark.parametrize("cls", [Shuffle, Permute, PixelShuffle, LayerScale, Concat])
 def test_small_patterns_are_exact(cls):
     torch.manual_seed(0)
     model = cls().eval()
@@ -201,3 +219,19 @@ def test_concat_offsets():
     pruner = fp.Pruner(Concat(), torch.randn(1, 3, 8, 8), criterion="l1")
     sizes = {g.name: g.size for g in pruner.groups}
     assert sizes == {"a": 4, "b": 6}
+
+
+@pytest.mark.parametrize("shuffle", [nn.ChannelShuffle(2), lambda x: torch.channel_shuffle(x, 2)])
+def test_channel_shuffle_module_and_function_are_exact(shuffle):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.shuffle, self.b = nn.Conv2d(3, 8, 3), shuffle, nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.shuffle(self.a(x)))
+
+    pruner = fp.Pruner(Net(), torch.randn(1, 3, 8, 8), criterion="random")
+    assert [g.size for g in pruner.groups] == [4]
+    pruner.prune(2)  # self-checked against the zeroed unpruned model
+    assert pruner.model.a.out_channels == 4

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph
+from .utils import dropped_indices
 
 
 def _sliced(tensor: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
@@ -29,19 +30,30 @@ def _slice_attrs(module: nn.Module, names: tuple[str, ...], dim: int, keep: torc
             setattr(module, name, _sliced(tensor, dim, keep))
 
 
+def _per_output(conv: nn.modules.conv._ConvNd) -> tuple[str, ...]:
+    """The conv's own tensors with one row per output channel besides the bias: a weight-
+    standardised conv's gain (timm's ScaledStdConv2d) must lose the same rows as the weight."""
+    own = {**conv._parameters, **conv._buffers}
+    return tuple(n for n, t in own.items() if n not in ("weight", "bias") and t is not None
+                 and t.dim() >= 1 and t.shape[0] == conv.out_channels)
+
+
 def _conv_out(conv: nn.modules.conv._ConvNd, keep: torch.Tensor) -> None:
-    _slice_attrs(conv, ("weight", "bias"), 0, keep)
+    # A transposed conv's weight is [in, out / groups, *kernel]: the axes are swapped.
+    _slice_attrs(conv, ("weight",), 1 if conv.transposed else 0, keep)
+    _slice_attrs(conv, ("bias",) + _per_output(conv), 0, keep)
     conv.out_channels = len(keep)
 
 
 def _conv_in(conv: nn.modules.conv._ConvNd, keep: torch.Tensor) -> None:
-    _slice_attrs(conv, ("weight",), 1, keep)
+    _slice_attrs(conv, ("weight",), 0 if conv.transposed else 1, keep)
     conv.in_channels = len(keep)
 
 
 def _grouped(conv: nn.modules.conv._ConvNd, keep: torch.Tensor) -> None:
     # Whole groups go (graph.py unites each group's channels), so channels per group stay the same.
-    _slice_attrs(conv, ("weight", "bias"), 0, keep)
+    # weight is [channels, channels / groups, *kernel] whether transposed or not (in == out here).
+    _slice_attrs(conv, ("weight", "bias") + _per_output(conv), 0, keep)
     conv.in_channels = conv.out_channels = len(keep)
     conv.groups = len(keep) // conv.weight.shape[1]
 
@@ -62,8 +74,16 @@ def _norm(norm: nn.Module, keep: torch.Tensor) -> None:
 
 
 def _group_norm(norm: nn.GroupNorm, keep: torch.Tensor) -> None:
+    # Whole groups go (graph.py unites each group's channels): channels per group stay the same.
+    per_group = norm.num_channels // norm.num_groups
     _slice_attrs(norm, ("weight", "bias"), 0, keep)
-    norm.num_channels = norm.num_groups = len(keep)  # only per-channel GroupNorms get here
+    norm.num_channels = len(keep)
+    norm.num_groups = len(keep) // per_group
+
+
+def _layer_norm(norm: nn.LayerNorm, keep: torch.Tensor) -> None:
+    _slice_attrs(norm, ("weight", "bias"), 0, keep)
+    norm.normalized_shape = (len(keep),)  # only norms over the channel axis alone get here
 
 
 def _prelu(prelu: nn.PReLU, keep: torch.Tensor) -> None:
@@ -80,6 +100,7 @@ _CUTTERS: list[tuple[type, str, Callable[[nn.Module, torch.Tensor], None]]] = [
     (nn.modules.batchnorm._BatchNorm, "channel", _norm),
     (nn.modules.instancenorm._InstanceNorm, "channel", _norm),
     (nn.GroupNorm, "channel", _group_norm),
+    (nn.LayerNorm, "channel", _layer_norm),
     (nn.PReLU, "channel", _prelu),
 ]
 
@@ -106,9 +127,7 @@ def remove_units(model: nn.Module, graph: ChannelGraph, remove: torch.Tensor) ->
     """
     kept: dict[str, torch.Tensor] = {}
     for slot in graph.slots:
-        owned = slot.owner >= 0
-        dropped = torch.zeros_like(owned)
-        dropped[owned] = remove[slot.owner[owned]]
+        dropped = dropped_indices(slot.owner, remove)
         if not dropped.any():
             continue
         keep = torch.nonzero(~dropped).flatten()

@@ -1,0 +1,78 @@
+"""timm's zoo, and the rule that tracing never touches the user's model."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import filterprune as fp
+from filterprune.graph import ChannelGraph
+
+timm = pytest.importorskip("timm")
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("tv:"):
+        return torchvision.models.get_model(name[3:], weights=None, num_classes=10)
+    return timm.create_model(name, pretrained=False, num_classes=10)
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+NEVER_TOUCH = ["tv:resnet18", "tv:mobilenet_v3_small", "tv:shufflenet_v2_x0_5", "efficientnet_b0", "regnety_002",
+               "nf_resnet26", "convnext_atto"]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "mixed"])
+@pytest.mark.parametrize("name", NEVER_TOUCH)
+def test_tracing_and_ranking_leave_the_model_as_it_was(name, mode):
+    model = build(name).train(mode != "eval")
+    if mode == "mixed":  # a user's frozen norms inside a training model stay frozen
+        for m in list(model.modules())[::3]:
+            m.eval()
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1", ignore=[model.get_submodule(_head(model))])
+    pruner.select(10)
+    ChannelGraph(model, torch.randn(2, 3, 32, 32))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    assert not changed, f"{len(changed)} tensors changed, e.g. {changed[:3]}"
+    assert [m.training for m in model.modules()] == modes
+
+
+def _head(model: nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+# One model per kind of block: BatchNormAct2d + squeeze-excite, RegNet's grouped convs + SE, DLA's
+# aggregation trees, VoVNet's one-shot aggregation, RepVGG's branches, LCNet.
+ZOO = ["efficientnet_b0", "regnety_002", "dla34", "ese_vovnet19b_dw", "repvgg_a0", "lcnet_050"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_timm_models_prune_exactly(name):
+    model = build(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = macs(model, x)
+    pruner = fp.Pruner(model, x, criterion="l1", scope="layer", ignore=[model.get_classifier()])
+    assert all(s.exact for s in pruner.graph.slots)
+    pruner.prune(int(0.3 * sum(g.size for g in pruner.groups)))  # the self-check raises if not exact
+    assert before / macs(model, x) > 1.5
+
+
+def test_weight_standardised_convs_prune_and_say_their_inputs_are_inexact():
+    # timm's StdConv2d standardises each output row of its weight: removing an input channel
+    # changes the mean and variance of the rows that stay, so its inputs cannot be exact.
+    model = nn.Sequential(timm.layers.StdConv2d(3, 8, 3), nn.ReLU(), timm.layers.StdConv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    pruner = fp.Pruner(model, x, criterion="l1", verify=False)
+    exact = {(s.module, s.role): s.exact for s in pruner.graph.slots}
+    assert exact == {("0", "in"): False, ("0", "out"): True, ("2", "in"): False, ("2", "out"): True}
+    pruner.prune(2)
+    assert model[0].out_channels == 6 and model[2].in_channels == 6 and model(x).shape == (1, 4, 8, 8)

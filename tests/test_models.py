@@ -1,4 +1,6 @@
+import ast
 import urllib.error
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -6,7 +8,9 @@ import torch
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
-from filterprune.models import ModelError, build, three_linear_head, vgg16_layout
+import filterprune
+from filterprune.models import ModelError, build, three_linear_head
+from filterprune.recipes.vgg import vgg16_layout
 
 
 def count(model: nn.Module, cls: type) -> int:
@@ -107,3 +111,26 @@ def test_weights_file_mismatch_names_keys(tmp_path):
     safetensors.torch.save_file(vgg16_layout(width=0.25, hidden=16).state_dict(), file)
     with pytest.raises(ModelError, match=r"features\.0\.weight: file \[16, 3, 3, 3\] vs model \[8, 3, 3, 3\]"):
         build("vgg16_layout", width=0.125, hidden=16, weights=file)
+
+
+def test_the_core_imports_nothing_from_the_recipes():
+    """The library stands without its demo: only the front ends (the package's public names, the
+    command line) reach into recipes/."""
+    package = Path(filterprune.__file__).parent
+    core = [p for p in package.glob("*.py") if not p.name.startswith(("__", "cli"))]
+    assert {p.stem for p in core} >= {"graph", "surgery", "criteria", "pruner", "schedule", "measure", "io", "data", "models"}
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("recipes" in n or n == "demo" for n in names), f"{path.name} imports {names}"
+
+
+def test_registered_architectures_build_by_name():
+    assert build("vgg16_layout", num_classes=3, width=0.03).classifier[-1].out_features == 3
+    with pytest.raises(ModelError, match="no pretrained weights"):
+        build("vgg16_layout", pretrained=True)

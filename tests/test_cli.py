@@ -170,16 +170,19 @@ def test_train_prune_eval_export_predict(folders, trained, pruned, tmp_path, cap
     corrupt = truncated_jpeg(tmp_path / "broken.jpg")
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("not a picture")
+    code, out, err = run(capsys, "predict", "--model", pruned / "pruned.safetensors", *good)
+    assert code == 0 and not err, err
     code, out, err = run(capsys, "predict", "--model", pruned / "pruned.safetensors", good[0], corrupt, good[1], not_image, good[2])
-    assert code == 0, err
+    assert code == 1, err  # some images could not be read: the exit status says so
     lines = out.strip().splitlines()
     assert len(lines) == 3
     for path, line in zip(good, lines):
         assert re.fullmatch(rf"{re.escape(str(path))}: (cat|dog|fox) \(\d+\.\d%\)", line), line
     problems = err.strip().splitlines()
-    assert len(problems) == 2
+    assert len(problems) == 3
     assert str(corrupt) in problems[0] and "cannot read" in problems[0]
     assert str(not_image) in problems[1] and "cannot read" in problems[1]
+    assert problems[2] == "filterprune: error: 2 of 5 images could not be read"
 
 
 def test_prune_trains_a_fresh_arch_on_a_kaggle_folder(folders, tmp_path, capsys):

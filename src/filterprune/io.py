@@ -219,14 +219,17 @@ def _known_builder(model: nn.Module) -> dict | None:
 
         import torchvision
 
+        # Builders of the class's own module first, then of its sub-package (SSD is defined in
+        # detection.ssd, ssdlite320_mobilenet_v3_large in detection.ssdlite).
+        package = kind.rpartition(".")[0]
         candidates = []
         for name in torchvision.models.list_models():
             fn = torchvision.models.get_model_builder(name)
-            if fn.__module__ == kind:
+            if fn.__module__ == kind or (package != "torchvision.models" and fn.__module__.startswith(package + ".")):
                 # never weights that would be downloaded: the saved file holds the weights
                 kwargs = {k: None for k in ("weights", "weights_backbone") if k in inspect.signature(fn).parameters}
                 candidates.append({"builder": f"{fn.__module__}:{fn.__name__}", "kwargs": kwargs})
-        return _matching(model, candidates)
+        return _matching(model, sorted(candidates, key=lambda arch: not arch["builder"].startswith(kind + ":")))
     return None
 
 
@@ -234,26 +237,39 @@ def _matching(model: nn.Module, candidates: list[dict]) -> dict | None:
     """The first candidate whose unpruned model has `model`'s modules, settings and tensor names."""
     target = _structure(model)
     for arch in candidates:
-        try:
-            with torch.device("meta"), warnings.catch_warnings():  # meta: no memory, no initialisation cost
-                warnings.simplefilter("ignore")
-                built = _call_builder(arch["builder"], arch["kwargs"], DEFAULT_TRUSTED)
-        except Exception:  # a builder that cannot run here (meta device, missing kwargs) is not the one
+        built = _structure_of(arch)
+        if built is None:
             continue
-        if _structure(built) == target:
+        if built == target:
             return arch
+        # A class count kept outside the size attributes (SSD's num_columns): build again with it.
+        counts = {v for name, settings in target[0].items() if name in built[0]
+                  for k, v in settings.items() if isinstance(v, int) and built[0][name].get(k, v) != v}
+        if len(counts) == 1 and "num_classes" not in arch["kwargs"]:
+            retry = {**arch, "kwargs": {**arch["kwargs"], "num_classes": counts.pop()}}
+            if _structure_of(retry) == target:
+                return retry
     return None
 
 
-def _structure(model: nn.Module) -> list:
-    """Module names, types and settings that pruning leaves alone (kernel sizes, strides, eps...), and tensor names."""
-    described = []
-    for name, m in model.named_modules():
-        settings = sorted((k, v) for k, v in vars(m).items()
-                          if not k.startswith("_") and k != "training" and k not in SHAPE_ATTRIBUTES
-                          and isinstance(v, (bool, int, float, str, tuple)))
-        described.append((name, type(m).__qualname__, repr(settings)))
-    return [described, sorted(model.state_dict().keys())]
+def _structure_of(arch: dict) -> tuple | None:
+    """_structure of the unpruned model `arch` builds, built on the meta device (no memory, no initialisation)."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _structure(_call_builder(arch["builder"], arch["kwargs"], DEFAULT_TRUSTED))
+    except Exception:  # a builder that cannot run here (meta device, missing kwargs) is not the one
+        return None
+
+
+def _structure(model: nn.Module) -> tuple[dict, list]:
+    """Module types and settings that pruning leaves alone (kernel sizes, strides, eps...), and tensor names."""
+    modules = {name: {"type": type(m).__qualname__,
+                      **{k: v for k, v in vars(m).items()
+                         if not k.startswith("_") and k != "training" and k not in SHAPE_ATTRIBUTES
+                         and isinstance(v, (bool, int, float, str, tuple))}}
+               for name, m in model.named_modules()}
+    return modules, sorted(model.state_dict().keys())
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -558,3 +558,26 @@ def test_vgg16_blog_recipe_prunes_conv_filters_only_and_cuts_macs_3x(folders, tm
     assert report["baseline"]["macs"] / report["pruned"]["macs"] >= 3
     small = fp.load(out / "pruned.safetensors")
     assert [m.out_features for m in small.classifier if isinstance(m, nn.Linear)] == [4096, 4096, 3]
+
+
+def test_distillation_and_speed_flags_reach_the_schedule():
+    from filterprune.cli_args import parse
+    from filterprune.schedule import Schedule
+
+    if not {"distill", "temperature", "amp", "channels_last"} <= Schedule.__dataclass_fields__.keys():
+        pytest.skip("this Schedule has no distillation/amp/channels-last fields yet")
+    args = parse(["prune", "--data", "d", "--distill", "0.7", "--temperature", "2", "--amp", "--channels-last"])
+    schedule = cli._schedule(args)
+    assert (schedule.distill, schedule.temperature, schedule.amp, schedule.channels_last) == (0.7, 2.0, True, True)
+    assert cli._schedule(parse(["prune", "--data", "d"])).distill == Schedule().distill  # off unless asked
+
+
+def test_vgg_classifier_is_ignored_unless_prune_linear():
+    from filterprune.cli_args import parse
+
+    model = fp.vgg16_layout(num_classes=2, width=0.03)
+    args = parse(["prune", "--data", "d", "--ignore", "features.0"])
+    assert cli._ignored(model, args) == ["classifier.0", "classifier.3", "classifier.6", "features.0"]
+    args = parse(["prune", "--data", "d", "--prune-linear"])
+    assert cli._ignored(model, args) == []
+    assert cli._ignored(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), parse(["prune", "--data", "d"])) == []

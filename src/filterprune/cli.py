@@ -8,6 +8,10 @@
     filterprune export  --model runs/vgg16/pruned.safetensors --out model.onnx
     filterprune predict --model runs/vgg16/pruned.safetensors cat.jpg dog.jpg
 
+`--model` takes any file written by filterprune.save whose builder is recorded (filterprune,
+torchvision or timm models). `--module NAME` prunes (or profiles) one submodule only; a model that
+torch.fx cannot trace whole (a detector) is pruned in Python instead: fp.Pruner(model.backbone, x).
+
 Every option can also come from a JSON or TOML file (--config FILE); flags given on the command
 line win. Errors about input are one line that says what to do, and exit with status 2.
 """

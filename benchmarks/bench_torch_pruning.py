@@ -36,7 +36,7 @@ from torch import nn
 from filterprune import Pruner, io, profile
 from filterprune.criteria import DATA_CRITERIA
 from filterprune.data import make_loader
-from filterprune.demo import DemoConfig, default_cache, pair_data, transferred_path
+from filterprune.recipes.demo import DemoConfig, default_cache, pair_data, transferred_path
 from filterprune.train import evaluate, fine_tune
 
 METHODS = ("filterprune taylor", "filterprune l1", "Torch-Pruning taylor", "Torch-Pruning magnitude (L1)")

@@ -170,16 +170,19 @@ def test_train_prune_eval_export_predict(folders, trained, pruned, tmp_path, cap
     corrupt = truncated_jpeg(tmp_path / "broken.jpg")
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("not a picture")
+    code, out, err = run(capsys, "predict", "--model", pruned / "pruned.safetensors", *good)
+    assert code == 0 and not err, err
     code, out, err = run(capsys, "predict", "--model", pruned / "pruned.safetensors", good[0], corrupt, good[1], not_image, good[2])
-    assert code == 0, err
+    assert code == 1, err  # some images could not be read: the exit status says so
     lines = out.strip().splitlines()
     assert len(lines) == 3
     for path, line in zip(good, lines):
         assert re.fullmatch(rf"{re.escape(str(path))}: (cat|dog|fox) \(\d+\.\d%\)", line), line
     problems = err.strip().splitlines()
-    assert len(problems) == 2
+    assert len(problems) == 3
     assert str(corrupt) in problems[0] and "cannot read" in problems[0]
     assert str(not_image) in problems[1] and "cannot read" in problems[1]
+    assert problems[2] == "filterprune: error: 2 of 5 images could not be read"
 
 
 def test_prune_trains_a_fresh_arch_on_a_kaggle_folder(folders, tmp_path, capsys):
@@ -467,3 +470,114 @@ def test_missing_or_damaged_model_file(command, folders, trained, tmp_path, caps
 def test_eval_on_data_with_other_classes(folders, trained, capsys):
     code, _, err = run(capsys, "eval", "--data", folders["kaggle"], "--model", trained, "--workers", "0", "--quiet")
     assert_one_line_error(code, err, "trained on classes", "cat")
+
+
+# ---------------------------------------------------------------- issue 11: gaps; issue 9: any model; issue 8: VGG16
+
+def test_size_too_small_for_vgg_is_one_line(folders, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", folders["with_test"], *TINY, *FAST, *NO_TRAINING, "--size", "16",
+                       "--out", tmp_path / "m.safetensors")
+    assert_one_line_error(code, err, "16x16", "--size", "32")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_internal_bugs_show_a_traceback(monkeypatch, trained):
+    """Only the project's own error types are one-line errors; a bug (here a ValueError) must show itself."""
+    def broken(args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_export", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["export", "--model", str(trained), "--out", "x.onnx"])
+
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory):
+    """A torchvision resnet18 pruned with the library and saved: no filterprune builder recorded."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1", ignore=[model.fc]).prune(300)
+    path = tmp_path_factory.mktemp("tv") / "r18.safetensors"
+    fp.save(model, path, metadata={"classes": ["cat", "dog", "fox"], "image_size": 32})
+    return path
+
+
+def test_saved_torchvision_model_works_in_every_command(folders, torchvision_file, tmp_path, capsys):
+    code, out, err = run(capsys, "eval", "--data", folders["with_test"], "--model", torchvision_file, "--workers", "0", "--quiet")
+    assert code == 0 and out.startswith("accuracy "), err
+    code, out, err = run(capsys, "profile", "--model", torchvision_file, "--batch-sizes", "1")
+    assert code == 0 and "MACs" in out, err
+    code, out, err = run(capsys, "export", "--model", torchvision_file, "--out", tmp_path / "r18.onnx")
+    assert code == 0 and (tmp_path / "r18.onnx").is_file(), err
+    image = sorted((folders["with_test"] / "test").rglob("*.jpg"))[0]
+    code, out, err = run(capsys, "predict", "--model", torchvision_file, image)
+    assert code == 0 and re.fullmatch(rf"{re.escape(str(image))}: (cat|dog|fox) \(\d+\.\d%\)", out.strip()), err
+
+
+def test_saved_user_class_says_to_load_it_in_python(tmp_path, capsys):
+    class Mine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3))
+
+    fp.save(Mine(), tmp_path / "mine.safetensors")
+    code, _, err = run(capsys, "profile", "--model", tmp_path / "mine.safetensors")
+    assert_one_line_error(code, err, "pass model=YourNet() to load")
+
+
+def test_module_prunes_only_that_submodule(folders, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "prune", "--data", folders["with_test"], "--model", trained, *FAST, *NO_TRAINING,
+                       "--epochs-between", "0", "--iterations", "1", "--step", "0.3", "--module", "features.0",
+                       "--prune-linear", "--out", out)
+    assert code == 0, err
+    before, after = fp.load(trained), fp.load(out / "pruned.safetensors")
+    assert after.features[0].out_channels < before.features[0].out_channels
+    convs = lambda m: [c.out_channels for c in m.features if isinstance(c, nn.Conv2d)][1:]  # noqa: E731
+    assert convs(after) == convs(before)  # nothing outside features.0 lost a channel
+    assert [m.out_features for m in after.classifier if isinstance(m, nn.Linear)] == \
+        [m.out_features for m in before.classifier if isinstance(m, nn.Linear)]
+    code, stdout, err = run(capsys, "profile", "--model", trained, "--module", "features", "--batch-sizes", "1")
+    assert code == 0 and stdout.startswith("module features:"), err
+    code, _, err = run(capsys, "profile", "--model", trained, "--module", "backbone")
+    assert_one_line_error(code, err, "no submodule 'backbone'")
+
+
+def test_vgg16_blog_recipe_prunes_conv_filters_only_and_cuts_macs_3x(folders, tmp_path, capsys):
+    """The blog's recipe on torchvision's VGG16 at 224: 5 x 512 conv filters, the classifier's hidden units kept."""
+    out = tmp_path / "vgg16"
+    code, _, err = run(capsys, "prune", "--data", folders["with_test"], "--arch", "vgg16", "--size", "224", "--workers", "0",
+                       "--batch-size", "4", "--quiet", *NO_TRAINING, "--epochs-between", "0", "--rank-batches", "1", "--out", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["iterations"]) == 5
+    assert report["baseline"]["macs"] / report["pruned"]["macs"] >= 3
+    small = fp.load(out / "pruned.safetensors")
+    assert [m.out_features for m in small.classifier if isinstance(m, nn.Linear)] == [4096, 4096, 3]
+
+
+def test_distillation_and_speed_flags_reach_the_schedule():
+    from filterprune.cli_args import parse
+    from filterprune.schedule import Schedule
+
+    if not {"distill", "temperature", "amp", "channels_last"} <= Schedule.__dataclass_fields__.keys():
+        pytest.skip("this Schedule has no distillation/amp/channels-last fields yet")
+    args = parse(["prune", "--data", "d", "--distill", "0.7", "--temperature", "2", "--amp", "--channels-last"])
+    schedule = cli._schedule(args)
+    assert (schedule.distill, schedule.temperature, schedule.amp, schedule.channels_last) == (0.7, 2.0, True, True)
+    assert cli._schedule(parse(["prune", "--data", "d"])).distill == Schedule().distill  # off unless asked
+
+
+def test_vgg_classifier_is_ignored_unless_prune_linear():
+    from filterprune.cli_args import parse
+
+    model = fp.vgg16_layout(num_classes=2, width=0.03)
+    args = parse(["prune", "--data", "d", "--ignore", "features.0"])
+    assert cli._ignored(model, args) == ["classifier.0", "classifier.3", "classifier.6", "features.0"]
+    args = parse(["prune", "--data", "d", "--prune-linear"])
+    assert cli._ignored(model, args) == []
+    assert cli._ignored(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), parse(["prune", "--data", "d"])) == []

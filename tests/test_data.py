@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from filterprune.data import (FASHION_CLASSES, FASHION_MNIST_DIR, DataError, FashionSubset,
-                              balanced_indices, fashion_mnist, image_folder_datasets,
-                              load_image, make_loader)
+from filterprune.data import DataError, image_folder_datasets, load_image, make_loader
+from filterprune.recipes.fashion import (FASHION_CLASSES, FASHION_MNIST_DIR, FashionSubset, balanced_indices,
+                                         fashion_mnist)
 
 COLOURS = {"cat": (220, 30, 30), "dog": (30, 30, 220), "fox": (30, 220, 30)}
 

@@ -12,7 +12,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from filterprune import cli, criteria, io, measure, models
+import filterprune as fp
+from filterprune import cli, criteria, io, measure
 from filterprune.data import make_loader
 from filterprune.distributed import Context, setup
 from filterprune.graph import ChannelGraph
@@ -102,7 +103,7 @@ def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     image_folder(folder / "data")
     torch.manual_seed(0)
-    io.save(models.vgg16_layout(num_classes=2, width=0.125, hidden=16), folder / "model.safetensors")
+    io.save(fp.vgg16_layout(num_classes=2, width=0.125, hidden=16), folder / "model.safetensors")
     for rank in "01":
         (folder / rank).mkdir()
     (folder / "worker.py").write_text(WORKER.format(tests=str(Path(__file__).parent)))

@@ -6,7 +6,7 @@ from torch import nn
 
 from filterprune.measure import (GPU_BATCH, Profile, default_batch_sizes, latency_ms, latency_spread_ms, launch_note,
                                  profile, speed_change, time_ms)
-from filterprune.models import vgg16_layout
+from filterprune.recipes.vgg import vgg16_layout
 
 
 class Recorder(nn.Module):

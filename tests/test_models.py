@@ -1,4 +1,6 @@
+import ast
 import urllib.error
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -6,7 +8,9 @@ import torch
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
-from filterprune.models import ModelError, build, three_linear_head, vgg16_layout
+import filterprune
+from filterprune.models import ModelError, build, three_linear_head
+from filterprune.recipes.vgg import vgg16_layout
 
 
 def count(model: nn.Module, cls: type) -> int:
@@ -107,3 +111,58 @@ def test_weights_file_mismatch_names_keys(tmp_path):
     safetensors.torch.save_file(vgg16_layout(width=0.25, hidden=16).state_dict(), file)
     with pytest.raises(ModelError, match=r"features\.0\.weight: file \[16, 3, 3, 3\] vs model \[8, 3, 3, 3\]"):
         build("vgg16_layout", width=0.125, hidden=16, weights=file)
+
+
+def test_the_core_imports_nothing_from_the_recipes():
+    """The library stands without its demo: only the front ends (the package's public names, the
+    command line) reach into recipes/."""
+    package = Path(filterprune.__file__).parent
+    core = [p for p in package.glob("*.py") if not p.name.startswith(("__", "cli"))]
+    assert {p.stem for p in core} >= {"graph", "surgery", "criteria", "pruner", "schedule", "measure", "io", "data", "models"}
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("recipes" in n or n == "demo" for n in names), f"{path.name} imports {names}"
+
+
+def test_registered_architectures_build_by_name():
+    assert build("vgg16_layout", num_classes=3, width=0.03).classifier[-1].out_features == 3
+    with pytest.raises(ModelError, match="no pretrained weights"):
+        build("vgg16_layout", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_pruning_a_detectors_backbone(name, tmp_path):
+    """torch.fx cannot trace a detector whole; its backbone can be pruned on its own (fp.Pruner(model.backbone, x))."""
+    import torchvision
+
+    import filterprune as fp
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=3).eval()
+    for m in model.modules():  # non-trivial statistics, so the exactness check has something to check
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 160, 160)
+    before = fp.profile(model.backbone, x, latency=False).macs
+    pruner = fp.Pruner(model.backbone, x, criterion="l1", verify=True)  # verify: equal to the unpruned with removed channels zeroed
+    result = pruner.prune(pruner.prunable() // 3)
+    assert result.count > 0
+    after = fp.profile(model.backbone, x, latency=False).macs
+    assert after < 0.9 * before
+    images = [torch.rand(3, 100, 120), torch.rand(3, 90, 110)]
+    with torch.no_grad():
+        detections = model(images)  # the whole detector still runs on a list of images
+    assert len(detections) == 2 and all({"boxes", "labels", "scores"} <= d.keys() for d in detections)
+    # and it saves and loads by name (torchvision's builder, found from the structure)
+    loaded = fp.load(fp.save(model, tmp_path / "detector.safetensors"))
+    with torch.no_grad():
+        again = loaded(images)
+    for a, b in zip(detections, again):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])

@@ -11,7 +11,8 @@ from .criteria import CRITERIA
 from .graph import ChannelGraph, GraphError, Group
 from .io import export_onnx, load, load_state_dict_file, save
 from .measure import Profile, latency_ms, profile, speed_change
-from .models import ModelError, build, three_linear_head, vgg16_layout
+from .models import ModelError, build, three_linear_head
+from .recipes.vgg import vgg16_layout  # the demo's network; importing it registers build("vgg16_layout")
 from .pruner import PruneResult, Pruner
 from .schedule import Schedule, prune_iteratively
 

@@ -8,32 +8,37 @@
     filterprune export  --model runs/vgg16/pruned.safetensors --out model.onnx
     filterprune predict --model runs/vgg16/pruned.safetensors cat.jpg dog.jpg
 
+`--model` takes any file written by filterprune.save whose builder is recorded (filterprune,
+torchvision or timm models). `--module NAME` prunes (or profiles) one submodule only; a model that
+torch.fx cannot trace whole (a detector) is pruned in Python instead: fp.Pruner(model.backbone, x).
+
 Every option can also come from a JSON or TOML file (--config FILE); flags given on the command
 line win. Errors about input are one line that says what to do, and exit with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
-import tomllib
 import warnings
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from . import data, io, models
-from .criteria import CRITERIA
+from .cli_args import UsageError, parse
 from .graph import GraphError
 from .checkpoint import CheckpointError
+from .checkpoint import load as load_checkpoint
 from .schedule import Schedule, check_reachable, prune_iteratively
 from .train import evaluate, fine_tune
+from .utils import evaluating
 
-USER_ERRORS = (data.DataError, models.ModelError, CheckpointError, GraphError, ValueError, FileNotFoundError)
+# The project's own errors about input: one line, exit 2. Anything else is a bug: a traceback.
+USER_ERRORS = (data.DataError, models.ModelError, CheckpointError, GraphError, UsageError)
 
 
 def _device(name: str) -> str:
@@ -44,14 +49,62 @@ def _model_from_args(args, num_classes: int | None) -> nn.Module:
     if getattr(args, "model", None):
         return io.load(args.model)
     if not getattr(args, "arch", None):
-        raise ValueError("say which model: --model FILE (a saved filterprune model) or --arch NAME")
+        raise UsageError("say which model: --model FILE (a saved filterprune model) or --arch NAME")
     extra = {}
     if getattr(args, "width", None) is not None:
         if args.arch != "vgg16_layout":
-            raise ValueError(f"--width only applies to --arch vgg16_layout, not {args.arch}")
+            raise UsageError(f"--width only applies to --arch vgg16_layout, not {args.arch}")
         extra["width"] = args.width
     return models.build(args.arch, num_classes=num_classes, pretrained=args.pretrained, weights=args.weights, head=args.head,
                         **extra)
+
+
+def _example(model: nn.Module, size: int, device: str = "cpu") -> torch.Tensor:
+    """One image-shaped input, after checking that the model runs on images of this size."""
+    example = torch.zeros(1, 3, size, size, device=device)
+    try:
+        with torch.no_grad(), evaluating(model):
+            model(example)
+    except RuntimeError as err:  # e.g. VGG's five poolings leave nothing of a 16x16 image
+        raise UsageError(f"{type(model).__name__} cannot run on {size}x{size} images ({str(err).splitlines()[0]}): "
+                         f"use a larger --size (VGG needs 32 or more)") from err
+    return example
+
+
+def _ignored(model: nn.Module, args) -> list[str]:
+    """--ignore, plus (like the blog, unless --prune-linear) a VGG classifier's Linear layers, plus
+    everything outside --module: names of modules whose outputs are never pruned."""
+    ignore = list(args.ignore)
+    if isinstance(model, torchvision.models.VGG) and not args.prune_linear:
+        ignore += [f"classifier.{n}" for n, m in model.classifier.named_children() if isinstance(m, nn.Linear)]
+    if args.module:
+        inside = args.module + "."
+        ignore += [n for n, m in model.named_modules()
+                   if n and not n.startswith(inside) and n != args.module and not list(m.children())
+                   and any(True for _ in m.parameters(recurse=False))]
+    return sorted(set(ignore))
+
+
+def _submodule(model: nn.Module, name: str | None) -> nn.Module:
+    if not name:
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        children = [n for n, _ in model.named_children()]
+        raise UsageError(f"--module: {type(model).__name__} has no submodule {name!r}; its children are {children}") from err
+
+
+def _schedule(args) -> Schedule:
+    """The prune command's options as a Schedule (options other helpers add are passed only when set)."""
+    optional = {"distill": args.distill or None, "temperature": args.temperature if args.distill else None,
+                "amp": args.amp or None, "channels_last": args.channels_last or None}
+    return Schedule(criterion=args.criterion, step=args.step, epochs=args.epochs_between, final_epochs=args.final_epochs,
+                    max_iterations=args.iterations, target_macs=args.target_macs, target_speedup=args.target_speedup,
+                    target_size=args.target_size, max_accuracy_drop=args.max_drop, lr=args.lr, optimizer=args.optimizer,
+                    flops_lambda=args.flops_lambda, latency_aware=args.latency_aware, round_to=args.round_to,
+                    min_channels=args.min_channels, rank_batches=args.rank_batches, seed=args.seed,
+                    **{k: v for k, v in optional.items() if v is not None})
 
 
 def _folders(args):
@@ -77,7 +130,7 @@ def _train_new(model: nn.Module, args, loader, device: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DemoConfig, run_demo
+    from .recipes.demo import DemoConfig, run_demo
     from .report import headline_table
 
     config = DemoConfig.quick() if args.quick else DemoConfig()
@@ -93,6 +146,7 @@ def cmd_train(args) -> int:
     train, loader, test_loader, classes = _folders(args)
     torch.manual_seed(args.seed)  # the same seed gives the same model
     model = _model_from_args(args, len(classes)).to(device)
+    _example(model, args.size, device)
     _train_new(model, args, loader, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     accuracy = evaluate(model, test_loader, device=device, progress=not args.quiet)["accuracy"]
@@ -102,8 +156,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    import warnings
-
     from .distributed import setup
     from .report import headline_table, write_report
 
@@ -116,17 +168,20 @@ def cmd_prune(args) -> int:
         device = ctx.device
         out = Path(args.out)
         train, loader, test_loader, classes = _folders(args)
+        schedule = _schedule(args)
         start = time.perf_counter()
-        if args.resume:
-            model = None
+        if args.resume:  # prune_iteratively resumes from the checkpoint; its model names the layers to ignore
+            model, ignore = None, _ignored(load_checkpoint(out / "checkpoint")[0], args)
         else:
             torch.manual_seed(args.seed)  # the same seed gives the same run
             model = _model_from_args(args, len(classes)).to(device)
+            ignore = _ignored(model, args)
+            # Before the (long) training: can the model be traced, and can the targets be reached?
+            try:
+                check_reachable(model, _example(model, args.size, device), schedule, ignore)
+            except ValueError as err:  # unknown --ignore names, unreachable targets
+                raise UsageError(str(err)) from err
             if args.arch:  # a fresh torchvision model: train it on this data first, as the blog does
-                # before the (long) training: can the model be traced, and can the targets be reached?
-                check_reachable(model, test_loader.dataset[0][0].unsqueeze(0).to(device), ignore=args.ignore,
-                                schedule=Schedule(target_macs=args.target_macs, target_size=args.target_size,
-                                                  min_channels=args.min_channels, round_to=args.round_to))
                 _train_new(model, args, loader, device)  # under torchrun: in every process alike, not sharded
             ctx.sync(model)  # every process starts from rank 0's weights
         rank_train, _, _ = data.image_folder_datasets(args.data, size=args.size, test_fraction=args.test_fraction, seed=args.seed, augment=False)
@@ -136,18 +191,13 @@ def cmd_prune(args) -> int:
         else:
             rank_loader = data.make_loader(rank_train, args.batch_size, shuffle=False, num_workers=args.workers)
         example = test_loader.dataset[0][0].unsqueeze(0).to(device)
-        schedule = Schedule(criterion=args.criterion, step=args.step, epochs=args.epochs_between, final_epochs=args.final_epochs,
-                            max_iterations=args.iterations, target_macs=args.target_macs, target_speedup=args.target_speedup,
-                            target_size=args.target_size, max_accuracy_drop=args.max_drop, lr=args.lr, optimizer=args.optimizer,
-                            flops_lambda=args.flops_lambda, latency_aware=args.latency_aware, round_to=args.round_to,
-                            min_channels=args.min_channels, rank_batches=args.rank_batches, seed=args.seed)
-        pruned, log = prune_iteratively(model, example, loader, test_loader, schedule, rank_loader=rank_loader, ignore=args.ignore,
+        pruned, log = prune_iteratively(model, example, loader, test_loader, schedule, rank_loader=rank_loader, ignore=ignore,
                                         checkpoint_dir=out / "checkpoint", resume=args.resume, device=device, progress=not args.quiet,
                                         log_fn=print if ctx.is_main else (lambda line: None), context=ctx)
         if not ctx.is_main:
             return 0
-        # Written under a temporary name and renamed only after the report: a failure (a full disk)
-        # leaves the previous run's pruned.safetensors and report as they were.
+        # Two files change together: the model goes under a temporary name, renamed only after
+        # the report is written, so a failure (a full disk) leaves the previous run's pair as it was.
         staged = io.save(pruned.cpu(), out / ".pruned.safetensors.new", metadata={"classes": classes, "image_size": args.size,
                                                                                    "accuracy": log["final"]["accuracy"]})
         report = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "baseline": log["baseline"], "pruned": log["final"],
@@ -172,7 +222,7 @@ def cmd_eval(args) -> int:
     _, _, test_loader, classes = _folders(args)
     saved = model.filterprune_metadata.get("classes")
     if saved and saved != classes:
-        raise ValueError(f"the model was trained on classes {saved} but {args.data} has {classes}")
+        raise UsageError(f"the model was trained on classes {saved} but {args.data} has {classes}")
     result = evaluate(model, test_loader, device=device, progress=not args.quiet)
     print(f"accuracy {100 * result['accuracy']:.2f}% ({result['examples']} images), loss {result['loss']:.4f}")
     return 0
@@ -183,15 +233,22 @@ def cmd_profile(args) -> int:
 
     model = _model_from_args(args, None)
     size = args.size or getattr(model, "filterprune_metadata", {}).get("image_size", 224)
-    batches = tuple(int(b) for b in args.batch_sizes.split(","))
-    print(profile(model, torch.randn(1, 3, size, size), batch_sizes=batches, device=_device(args.device)))
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError as err:
+        raise UsageError(f"--batch-sizes must be whole numbers separated by commas, not {args.batch_sizes!r}") from err
+    example = _example(model, size)
+    if args.module:  # e.g. a detector's backbone, which sees the (normalised) image batch
+        model = _submodule(model, args.module)
+        print(f"module {args.module}:")
+    print(profile(model, example, batch_sizes=batches, device=_device(args.device)))
     return 0
 
 
 def cmd_export(args) -> int:
     model = io.load(args.model)
     size = args.size or model.filterprune_metadata.get("image_size", 224)
-    path = io.export_onnx(model, torch.randn(1, 3, size, size), args.out)
+    path = io.export_onnx(model, _example(model, size), args.out)
     print(f"wrote {path}")
     return 0
 
@@ -202,185 +259,46 @@ def cmd_predict(args) -> int:
     size = args.size or meta.get("image_size", 224)
     classes = meta.get("classes")
     transform = data.eval_transform(size)
+    unread = 0
     with torch.no_grad():
         for path in args.images:
             try:
                 image = transform(data.load_image(path)).unsqueeze(0)
-            except (OSError, ValueError) as err:
+            except data.DataError as err:
                 print(f"{path}: cannot read this image ({err})", file=sys.stderr)
+                unread += 1
                 continue
             probs = model(image).softmax(1)[0]
             best = int(probs.argmax())
             print(f"{path}: {classes[best] if classes else best} ({100 * float(probs[best]):.1f}%)")
+    if unread:
+        print(f"filterprune: error: {unread} of {len(args.images)} images could not be read", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_criteria(args) -> int:
-    from .demo import DemoConfig, default_cache, pair_data, transferred_path
-    from .oracle import run_study, study_table, write_study
+    from .study import run_study, study_table, write_study
+    from .recipes.demo import DemoConfig, default_cache, heldout_images, transferred_path
 
-    config = DemoConfig()
-    path = Path(args.model) if args.model else transferred_path(config, default_cache())
+    path = Path(args.model) if args.model else transferred_path(DemoConfig(), default_cache())
     if not path.is_file():
         hint = "pass --model FILE" if args.model else "run `filterprune demo` first, or pass --model FILE"
         raise FileNotFoundError(f"model file {path} not found: {hint}")
     device = _device(args.device)
     model = io.load(path).to(device)
-    arch = model.filterprune_arch
     if args.data:
         size = args.size or model.filterprune_metadata.get("image_size", 224)
         _, heldout, _ = data.image_folder_datasets(args.data, size=size, test_fraction=args.test_fraction, seed=args.seed,
                                                    augment=False)
-    elif (arch["builder"].endswith(":vgg16_layout") and arch["kwargs"].get("num_classes") == 2
-          and "classes" not in model.filterprune_metadata):  # the demo's network: `train` would have saved classes
-        heldout = pair_data(config)["heldout"]
-    else:
-        raise ValueError(f"{path} is not the demo's network: pass --data DIR (an image folder; its held-out split is used)")
+    elif (heldout := heldout_images(model)) is None:
+        raise UsageError(f"{path} is not the demo's network: pass --data DIR (an image folder; its held-out split is used)")
     loader = data.make_loader(heldout, args.batch_size, shuffle=False)
     result = run_study(model, loader, device=device, seed=args.seed, progress=not args.quiet)
     paths = write_study(result, args.out)
     print(study_table(result))
     print(f"\n{result['units']} units, {result['images']} held-out images, {result['wall_s']:.0f} s; report: {paths['markdown']}")
     return 0
-
-
-def _common(p: argparse.ArgumentParser, data_needed: bool = True) -> None:
-    p.add_argument("--config", help="JSON or TOML file of option values (command-line flags win)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    if data_needed:
-        p.add_argument("--data", required=True, help="image folder: DIR/train/<class>/*.jpg (ImageFolder) or DIR/train/cat.0.jpg (Kaggle)")
-        p.add_argument("--size", type=int, default=224, help="image size (default 224, the blog's crops)")
-        p.add_argument("--test-fraction", type=float, default=0.2, help="held out per class when DIR has no test folder")
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--workers", type=int, default=2, help="data loading processes")
-
-
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a saved filterprune model (.safetensors)")
-    p.add_argument("--arch", help="torchvision model name (e.g. vgg16, resnet50) or vgg16_layout")
-    p.add_argument("--pretrained", action="store_true", help="torchvision's ImageNet weights (needs internet)")
-    p.add_argument("--weights", help="weights file for --arch (.safetensors or a state-dict .pth)")
-    p.add_argument("--head", default="auto", choices=["auto", "three-linear", "replace"], help="new classifier (blog: three-linear)")
-    p.add_argument("--width", type=float, help="width multiplier of --arch vgg16_layout (default 0.5; e.g. 0.03 for a tiny model)")
-
-
-def _training_options(p: argparse.ArgumentParser, head_epochs: int, epochs: int) -> None:
-    p.add_argument("--head-epochs", type=int, default=head_epochs, help="epochs training only the new head (blog: 20)")
-    p.add_argument("--epochs", type=int, default=epochs, help="epochs training all layers before pruning")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="filterprune", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="the blog's experiment on Fashion-MNIST (the main job)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="small subsets, about a minute (CI's smoke test)")
-    p.add_argument("--cache", help="where the pretrained network is cached (default ~/.cache/filterprune)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("train", help="train a model on an image folder")
-    _common(p)
-    _model_options(p)
-    _training_options(p, head_epochs=20, epochs=0)
-    p.add_argument("--out", default="model.safetensors")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("prune", help="iteratively prune and fine-tune (the blog's recipe by default)")
-    _common(p)
-    _model_options(p)
-    _training_options(p, head_epochs=20, epochs=0)
-    p.add_argument("--out", default="runs/prune")
-    p.add_argument("--criterion", default="taylor", choices=CRITERIA)
-    p.add_argument("--step", type=float, default=512, help="channels per iteration: a count, or a fraction (<1) of the original channels")
-    p.add_argument("--epochs-between", type=int, default=10)
-    p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--final-epochs", type=int, default=0)
-    p.add_argument("--target-macs", type=float, help="stop once MACs are this many times fewer")
-    p.add_argument("--target-speedup", type=float, help="stop once measured batch-1 latency is this many times lower")
-    p.add_argument("--target-size", type=float, help="stop once the model is this many times smaller on disk")
-    p.add_argument("--max-drop", type=float, help="stop before losing more than this many accuracy points")
-    p.add_argument("--flops-lambda", type=float, default=0.0, help="FLOPs regularisation (paper: 1e-3)")
-    p.add_argument("--latency-aware", action="store_true", help="regularise by measured latency per channel instead of MACs")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts at multiples of this (e.g. 8)")
-    p.add_argument("--min-channels", type=int, default=1)
-    p.add_argument("--rank-batches", type=int, help="rank on at most this many batches")
-    p.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs are never pruned")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.set_defaults(func=cmd_prune)
-
-    p = sub.add_parser("eval", help="accuracy of a saved model on an image folder's test split")
-    _common(p)
-    p.set_defaults(size=None)
-    p.add_argument("--model", required=True)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("profile", help="parameters, size, MACs and measured latency")
-    _common(p, data_needed=False)
-    _model_options(p)
-    p.add_argument("--size", type=int)
-    p.add_argument("--batch-sizes", default="1,64")
-    p.set_defaults(func=cmd_profile)
-
-    p = sub.add_parser("export", help="export a saved model to ONNX")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("predict", help="classify images with a saved model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--size", type=int)
-    p.add_argument("images", nargs="+")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("criteria", help="every criterion against the oracle of 1611.06440 (its Table 1), on held-out images")
-    _common(p, data_needed=False)
-    p.add_argument("--model", help="a saved filterprune model (default: the demo's transferred network)")
-    p.add_argument("--data", help="image folder whose held-out split is used (default for the demo's network: its 400 held-out images)")
-    p.add_argument("--size", type=int, help="image size for --data (default: the model's, else 224)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held out per class when DIR has no test folder")
-    p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--out", default="runs/criteria", help="where criteria.json, criteria.md and criteria.png go")
-    p.set_defaults(func=cmd_criteria)
-    return parser
-
-
-def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    config = pre.parse_known_args(argv)[0].config
-    commands = parser._subparsers._group_actions[0].choices
-    command = next((a for a in argv if a in commands), None)
-    if not config or command is None:
-        return parser.parse_args(argv)
-    path = Path(config)
-    if not path.is_file():
-        raise ValueError(f"config file {config} not found: pass a .json or .toml file of option values")
-    try:
-        text = path.read_text()
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ValueError(f"cannot read config file {config} ({err}): it must be {'TOML' if path.suffix == '.toml' else 'JSON'}") from err
-    if not isinstance(values, dict):
-        raise ValueError(f"config file {config} must hold a mapping of option names to values")
-    subparser = commands[command]
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    actions = {a.dest: a for a in subparser._actions}
-    unknown = set(values) - set(actions) - {"config"}
-    if unknown:
-        raise ValueError(f"unknown options in {config} for `filterprune {command}`: {sorted(unknown)}")
-    for dest in values:  # a required option given in the file need not be repeated on the command line
-        actions[dest].required = False
-    subparser.set_defaults(**values)
-    return parser.parse_args(argv)
 
 
 def _one_line(err: BaseException) -> str:
@@ -401,11 +319,10 @@ def _warning_printer():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer()
-            args = _with_config(parser, argv)
+            args = parse(sys.argv[1:] if argv is None else list(argv))
             return args.func(args)
     except OSError as err:  # a missing file; writing output: a full disk, no permission
         where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err) else ""

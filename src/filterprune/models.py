@@ -1,20 +1,28 @@
-"""Model builders: a width-scaled VGG16 for small images, torchvision models, and new heads."""
+"""Model builders: torchvision classifiers by name, architectures that recipes register, and new heads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import VGG
-from torchvision.models.vgg import cfgs, make_layers
 
-from filterprune.io import load_state_dict_file
+from .io import ModelError, load_state_dict_file
+
+# Architectures beside torchvision's, by name: recipes add theirs with `register` (the demo's
+# vgg16_layout), so this module needs to know none of them. A builder takes num_classes and
+# keyword arguments and returns the unpruned model.
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
 
-class ModelError(RuntimeError):
-    """A model could not be built or its weights could not be loaded; the message says what to do."""
+def register(name: str) -> Callable:
+    """Decorator: make `build(name, ...)` call the decorated builder."""
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        ARCHITECTURES[name] = fn
+        return fn
+    return add
 
 
 def three_linear_head(in_features: int, num_classes: int, hidden: int = 4096, dropout: float = 0.5) -> nn.Sequential:
@@ -30,31 +38,6 @@ def three_linear_head(in_features: int, num_classes: int, hidden: int = 4096, dr
     )
 
 
-def vgg16_layout(
-    num_classes: int = 10,
-    width: float = 0.5,
-    batch_norm: bool = True,
-    hidden: int | None = None,
-    dropout: float = 0.5,
-) -> nn.Module:
-    """torchvision's VGG16 (config "D") with every layer width multiplied by `width`."""
-    cfg = [v if v == "M" else max(8, round(v * width)) for v in cfgs["D"]]
-    features = make_layers(cfg, batch_norm=batch_norm)
-    hidden = hidden if hidden is not None else int(4096 * width)
-    # VGG hard-codes a 512*7*7 -> 4096 classifier that we replace at once; building it on
-    # the meta device avoids allocating and initialising ~120M parameters for nothing.
-    with torch.device("meta"):
-        model = VGG(features, num_classes=num_classes, init_weights=True, dropout=dropout)
-    model.classifier = three_linear_head(cfg[-2] * 7 * 7, num_classes, hidden, dropout)
-    for m in model.classifier.modules():
-        if isinstance(m, nn.Linear):  # same init as VGG(init_weights=True)
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.constant_(m.bias, 0)
-    spec = {"num_classes": num_classes, "width": width, "batch_norm": batch_norm, "hidden": hidden, "dropout": dropout}
-    model.filterprune_arch = {"builder": "filterprune.models:vgg16_layout", "kwargs": spec}
-    return model
-
-
 def build(
     arch: str,
     num_classes: int | None = None,
@@ -64,7 +47,7 @@ def build(
     hidden: int | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build `arch` (vgg16_layout or a torchvision classifier), optionally with weights and a new head."""
+    """Build `arch` (a torchvision classifier or a registered architecture), optionally with weights and a new head."""
     if head not in ("auto", "three-linear", "replace"):
         raise ModelError(f"unknown head {head!r}; use 'auto', 'three-linear' or 'replace'")
     model = _base_model(arch, pretrained, num_classes, hidden, kwargs)
@@ -81,13 +64,14 @@ def build(
 
 
 def _base_model(arch: str, pretrained: bool, num_classes: int | None, hidden: int | None, kwargs: dict) -> nn.Module:
-    if arch == "vgg16_layout":
+    if arch in ARCHITECTURES:
         if pretrained:
-            raise ModelError("vgg16_layout has no pretrained weights; train it, or pass weights=FILE")
-        return vgg16_layout(num_classes=num_classes or 10, hidden=hidden, **kwargs)
+            raise ModelError(f"{arch} has no pretrained weights; train it, or pass weights=FILE")
+        sizes = {"num_classes": num_classes} if num_classes is not None else {}
+        return ARCHITECTURES[arch](**sizes, **({"hidden": hidden} if hidden is not None else {}), **kwargs)
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(
-            f"unknown architecture {arch!r}: use 'vgg16_layout' or a name from "
+            f"unknown architecture {arch!r}: use one of {sorted(ARCHITECTURES)} or a name from "
             "`python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'`"
         )
     if not pretrained:

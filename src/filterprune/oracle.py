@@ -246,7 +246,3 @@ def oracle(
         raise ValueError("the loader gave no batches for the oracle")
     change = total / examples
     return {"loss": change, "abs": change.abs(), "base": torch.tensor(base / examples, dtype=torch.float64)}
-
-
-# cli.py imports the study from here; once it imports from .study, remove this line.
-from .study import run_study, study_table, write_study  # noqa: E402, F401

@@ -7,7 +7,7 @@
     filterprune.save(pruner.model, "pruned.safetensors")
 """
 
-from .criteria import CRITERIA
+from .criteria import CRITERIA, Criterion
 from .graph import ChannelGraph, GraphError, Group
 from .io import export_onnx, load, load_state_dict_file, save
 from .measure import Profile, latency_ms, profile
@@ -15,6 +15,6 @@ from .models import ModelError, build, three_linear_head, vgg16_layout
 from .pruner import PruneResult, Pruner
 
 __all__ = [
-    "CRITERIA", "ChannelGraph", "GraphError", "Group", "ModelError", "Profile", "PruneResult", "Pruner", "build",
+    "CRITERIA", "ChannelGraph", "Criterion", "GraphError", "Group", "ModelError", "Profile", "PruneResult", "Pruner", "build",
     "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "save", "three_linear_head", "vgg16_layout",
 ]

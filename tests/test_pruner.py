@@ -248,3 +248,70 @@ def test_select_names_what_prune_removes_without_removing():
     assert int(mask.sum()) == 12 and sum(p.numel() for p in model.parameters()) == before
     expected = {g.name: int(mask[g.offset:g.offset + g.size].sum()) for g in pruner.groups}
     assert pruner.prune(12).removed_per_group == {k: v for k, v in expected.items() if v}
+
+
+# ---- targets ---------------------------------------------------------------------------------------------
+
+
+def test_exactly_one_target():
+    _, pruner = make()
+    for kwargs in ({}, {"n": 1, "ratio": 0.1}, {"ratio": 0.1, "macs": 2.0}):
+        with pytest.raises(ValueError, match="exactly one"):
+            pruner.prune(**kwargs)
+
+
+def test_ratio_removes_that_share_of_the_units_there_are_now():
+    _, pruner = make()  # 8 + 16 + 32 = 56 units
+    assert pruner.prune(ratio=0.25).count == 14
+    assert pruner.prune(ratio=0.5).count == 21  # half of the 42 left
+
+
+def independent_macs(model):
+    return fp.profile(model, X[:1], latency=False).macs
+
+
+def small_vgg():
+    torch.manual_seed(0)
+    return fp.vgg16_layout(num_classes=2, width=0.125).eval()
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_macs_target_is_met_in_rank_order_overshooting_by_at_most_one_unit(round_to):
+    model = small_vgg()
+    x = torch.randn(1, 3, 32, 32)
+    start = fp.profile(model, x, latency=False).macs
+    pruner = fp.Pruner(model, x, criterion="l1", round_to=round_to, ignore=[model.classifier[0], model.classifier[3]])
+    assert pruner.macs_at_start == start
+    fewer = copy.deepcopy(model)
+    result = pruner.prune(macs=2.0)
+    after = fp.profile(model, x, latency=False).macs
+    assert (result.macs_before, result.macs_after) == (start, after)
+    assert after <= start / 2.0 and result.check == "exact"
+    if round_to == 1:  # one unit fewer, in the same rank order, would miss the target
+        again = fp.Pruner(fewer, x, criterion="l1", round_to=1, ignore=[fewer.classifier[0], fewer.classifier[3]])
+        again.prune(result.count - 1)
+        assert fp.profile(fewer, x, latency=False).macs > start / 2.0
+    else:
+        assert all(size % 8 == 0 or size == before for size, before in zip(
+            pruner_sizes(pruner), pruner_sizes(fp.Pruner(small_vgg(), x, criterion="l1"))))
+
+
+def pruner_sizes(pruner):
+    return [g.size for g in pruner.groups]
+
+
+def test_macs_target_counts_from_when_the_pruner_was_made():
+    model = small_vgg()
+    x = torch.randn(1, 3, 32, 32)
+    pruner = fp.Pruner(model, x, criterion="l1", ignore=[model.classifier[0], model.classifier[3]])
+    first = pruner.prune(macs=1.5)
+    second = pruner.prune(macs=3.0)
+    assert second.macs_before == first.macs_after and second.macs_after <= pruner.macs_at_start / 3.0
+    assert pruner.prune(macs=3.0).count == 0  # already there
+
+
+def test_unreachable_macs_target_is_a_clear_error():
+    model, pruner = make(min_channels={"a": 8, "b": 16, "c": 30})
+    with pytest.raises(ValueError, match="out of reach.*min_channels"):
+        pruner.prune(macs=2.0)
+    assert sizes(pruner) == {"a": 8, "b": 16, "c": 32}, "nothing may be removed"

@@ -315,3 +315,85 @@ def test_unreachable_macs_target_is_a_clear_error():
     with pytest.raises(ValueError, match="out of reach.*min_channels"):
         pruner.prune(macs=2.0)
     assert sizes(pruner) == {"a": 8, "b": 16, "c": 32}, "nothing may be removed"
+
+
+# ---- the self-check's numerics and shapes ----------------------------------------------------------------------
+
+
+class TwoHeads(Chain):
+    """Returns (logits, c's pooled features), or only the logits once fc has lost an output."""
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.b(torch.relu(self.a(x)))))
+        features = self.c(x).mean((2, 3))
+        logits = self.fc(features)
+        return (logits, features) if self.fc.out_features == 5 else (logits,)
+
+
+def cut_an_output_row(model, graph, remove):
+    kept = real_remove_units(model, graph, remove)
+    model.fc.weight = nn.Parameter(model.fc.weight.detach()[:4])
+    model.fc.bias = nn.Parameter(model.fc.bias.detach()[:4])
+    model.fc.out_features = 4
+    return kept
+
+
+def test_a_different_number_or_shape_of_outputs_is_refused(monkeypatch):
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    pruner = fp.Pruner(model, X[:1], criterion="l1")
+    monkeypatch.setattr(pruner_module, "remove_units", cut_an_output_row)
+    # zip() would compare only the logits, (1, 5) against (1, 4): refused for shapes, not by luck.
+    with pytest.raises(fp.GraphError, match=r"outputs have shapes \[\(1, 4\)\].*\[\(1, 5\), \(1, 32\)\]"):
+        pruner.prune(10)
+    assert model.fc.out_features == 5 and len(model(X)) == 2
+
+
+def test_bf16_model_passes_when_correct_and_is_refused_when_corrupted(monkeypatch):
+    model, pruner = make()
+    model.to(torch.bfloat16)
+    pruner = fp.Pruner(model, X[:1].bfloat16(), criterion="l1")
+    assert pruner.prune(10).check == "exact"
+    assert pruner.prune(10).count == 10
+    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    with pytest.raises(fp.GraphError, match="differs"):
+        pruner.prune(5)
+
+
+def test_check_runs_without_tf32_and_gives_the_settings_back(monkeypatch):
+    model, pruner = make()
+    seen = []
+    model.c.register_forward_hook(lambda *_: seen.append((torch.get_float32_matmul_precision(),
+                                                          torch.backends.cudnn.allow_tf32)))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    torch.set_float32_matmul_precision("high")
+    try:
+        pruner.prune(10)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert ("highest", False) in seen, "the reference and the check must run in full float32"
+
+
+def test_inexact_slots_are_checked_for_running_and_shapes_only(monkeypatch):
+    model, pruner = make()
+    for slot in pruner.graph.slots:  # as the graph marks a GroupNorm across channels
+        slot.exact = slot.module != "bn"
+    monkeypatch.setattr(pruner, "_retrace", lambda: None)  # keep the marks for this one prune
+    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    result = pruner.prune(40)
+    assert result.check == "forward-only" and result.removed_per_group.get("b")
+    model, pruner = make()
+    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    with pytest.raises(fp.GraphError, match="differs"):
+        pruner.prune(40)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_round_to_auto_is_8_on_cuda():
+    model = Chain().cuda()
+    assert fp.Pruner(model, X[:1].cuda(), criterion="l1").round_to == 8
+
+
+def test_round_to_auto_is_1_on_the_cpu():
+    assert make()[1].round_to == 1

@@ -397,3 +397,41 @@ def test_round_to_auto_is_8_on_cuda():
 
 def test_round_to_auto_is_1_on_the_cpu():
     assert make()[1].round_to == 1
+
+
+# ---- the user's model is left alone --------------------------------------------------------------------------
+
+
+def state_and_modes(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+            {name: m.training for name, m in model.named_modules()})
+
+
+def torchvision_model(name):
+    import torchvision
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None, num_classes=4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("mode", ["train", "eval", "one-bn-frozen"])
+@pytest.mark.parametrize("criterion", ["taylor", "l1"])
+def test_pruner_rank_and_select_leave_the_model_alone(name, mode, criterion):
+    model = torchvision_model(name).train(mode != "eval")
+    if mode == "one-bn-frozen":
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    state, modes = state_and_modes(model)
+    pruner = fp.Pruner(model, x[:1], criterion=criterion, ignore=[m for m in model.modules() if isinstance(m, nn.Linear)][-1:])
+    pruner.rank([(x, torch.tensor([0, 1, 2, 3]))], nn.CrossEntropyLoss(), progress=False)
+    pruner.select(ratio_units(pruner, 0.3))
+    pruner.macs()
+    after, modes_after = state_and_modes(model)
+    assert modes_after == modes
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], state[k]) for k in state), [k for k in state if not torch.equal(after[k], state[k])]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def ratio_units(pruner, share):
+    return int(share * sum(g.size for g in pruner.groups))

@@ -435,3 +435,23 @@ def test_pruner_rank_and_select_leave_the_model_alone(name, mode, criterion):
 
 def ratio_units(pruner, share):
     return int(share * sum(g.size for g in pruner.groups))
+
+
+# ---- the default policy on the torchvision zoo ------------------------------------------------------------------
+
+ZOO = ["vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121",
+       "efficientnet_b0", "googlenet", "shufflenet_v2_x0_5", "squeezenet1_1", "regnet_x_400mf"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_default_policy_halves_macs_exactly(name):
+    import torchvision
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval()
+    x = torch.randn(1, 3, 32, 32)
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    result = fp.Pruner(model, x, criterion="l1", ignore=classifier).prune(macs=2.0)
+    assert result.check == "exact"  # the self-check compared it with the zeroed unpruned model
+    assert result.macs_before / result.macs_after >= 1.9
+    assert result.macs_after == fp.profile(model, x, latency=False).macs

@@ -164,7 +164,8 @@ class Pruner:
         with evaluating(self.model), preserved_state(self.model), torch.no_grad(), \
                 FlopCounterMode(display=False) as counter:
             self.model(*self.example_inputs)
-        return counter.get_total_flops() // 2 // max(1, len(self.example_inputs[0]))
+        first = self.example_inputs[0]
+        return counter.get_total_flops() // 2 // (first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1)
 
     def select(self, n: int, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Which units prune(n) would remove (a bool mask over the graph's units), removing nothing."""

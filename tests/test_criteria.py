@@ -275,7 +275,7 @@ def test_per_group_l2_normalisation():
 def test_flops_regularisation_subtracts_lambda_times_mmacs():
     model = Tiny()
     lam = 1e3  # large, so that the tiny costs of this net move the scores visibly
-    pruner = fp.Pruner(model, torch.randn(1, 1, 6, 6), criterion="l1", flops_lambda=lam)
+    pruner = fp.Pruner(model, torch.randn(1, 1, 6, 6), criterion="l1", flops_lambda=lam, normalize="l2")
     # 6x6 input -> 4x4 maps. A conv1 map costs its own row (Cin*k*k*Hout*Wout = 1*3*3*16) plus
     # conv2's input column (Cout*1*1*16 = 2*16); a conv2 map its row (3*1*1*16) plus fc's column (2).
     macs = {"conv1": 1 * 3 * 3 * 16 + 2 * 1 * 1 * 16, "conv2": 3 * 1 * 1 * 16 + 2}
@@ -422,3 +422,18 @@ def test_a_criterion_of_your_own():
     close(per_group(pruner, pruner.raw_scores())["conv1"], -l1)
     result = pruner.prune(1)
     assert result.removed == {"conv1": [int(l1.argmax())]}
+
+
+def test_mean_and_cost_aware_normalisation():
+    model, x = Tiny(), torch.randn(1, 1, 6, 6)
+    mean = fp.Pruner(model, x, criterion="l1", normalize="mean")
+    raw, scores = per_group(mean, mean.raw_scores()), per_group(mean, mean.scores())
+    # 6x6 -> 4x4 maps; MACs a unit costs, as in the FLOPs regularisation test below.
+    macs = {"conv1": 1 * 3 * 3 * 16 + 2 * 1 * 1 * 16, "conv2": 3 * 1 * 1 * 16 + 2}
+    average = (3 * macs["conv1"] + 2 * macs["conv2"]) / 5
+    per_mac = per_group(mean, fp.Pruner(model, x, criterion="l1", normalize="macs").scores())
+    for name in ("conv1", "conv2"):
+        close(scores[name], raw[name] / raw[name].mean())
+        close(per_mac[name], raw[name] / raw[name].mean() / (macs[name] / average))
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        fp.Pruner(model, x, criterion="l1", normalize="L2")

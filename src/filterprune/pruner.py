@@ -66,7 +66,7 @@ class Pruner:
         ignore: Iterable[nn.Module] = (),
         min_channels: int | dict[str, int] = 1,
         round_to: int | str = "auto",
-        normalize: str | bool = "l2",
+        normalize: str | bool = "macs",
         flops_lambda: float = 0.0,
         scope: str = "global",
         combine: str = "mean",

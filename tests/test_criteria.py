@@ -275,7 +275,7 @@ def test_per_group_l2_normalisation():
 def test_flops_regularisation_subtracts_lambda_times_mmacs():
     model = Tiny()
     lam = 1e3  # large, so that the tiny costs of this net move the scores visibly
-    pruner = fp.Pruner(model, torch.randn(1, 1, 6, 6), criterion="l1", flops_lambda=lam)
+    pruner = fp.Pruner(model, torch.randn(1, 1, 6, 6), criterion="l1", flops_lambda=lam, normalize="l2")
     # 6x6 input -> 4x4 maps. A conv1 map costs its own row (Cin*k*k*Hout*Wout = 1*3*3*16) plus
     # conv2's input column (Cout*1*1*16 = 2*16); a conv2 map its row (3*1*1*16) plus fc's column (2).
     macs = {"conv1": 1 * 3 * 3 * 16 + 2 * 1 * 1 * 16, "conv2": 3 * 1 * 1 * 16 + 2}
@@ -345,3 +345,95 @@ def test_gpu_model_scores_like_the_cpu(criterion, monkeypatch):
         scores[device] = pruner.raw_scores()
         pruner.prune(2)
     close(scores["cuda"], scores["cpu"], rtol=1e-4, atol=1e-6)
+
+
+# ---- one channel, several consumers ------------------------------------------------------------------
+
+
+class Fork(nn.Module):
+    """a (3 maps) -> ReLU, consumed by two convs b and c whose outputs are added: a's maps have two consumers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.c = nn.Conv2d(1, 3, 3), nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 3, padding=1)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        z = torch.relu(self.a(x))
+        return self.fc((self.b(z) + self.c(z)).mean((2, 3)))
+
+
+def test_taylor_sums_a_channels_consumers_per_example_before_abs():
+    x, y = data(n=6)
+    model = Fork().eval()
+    # By hand: removing map k of a zeroes it at *both* consumers; its first-order change of example
+    # n's loss is the sum of the two consumers' terms, and |.| is taken per example after that sum.
+    z = torch.relu(model.a(x))
+    zb, zc = z.clone(), z.clone()
+    logits = model.fc((model.b(zb) + model.c(zc)).mean((2, 3)))
+    gb, gc = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), [zb, zc])
+    per_example = (zb * gb).mean((2, 3)) + (zc * gc).mean((2, 3))
+    expected = per_example.detach().abs().mean(0)
+    separate = (zb * gb).mean((2, 3)).abs().mean(0) + (zc * gc).mean((2, 3)).abs().mean(0)
+    assert not torch.allclose(expected, separate, rtol=1e-3), "the construction must tell the two apart"
+    scores = ranked(Fork().eval(), "taylor", [(x, y)])
+    close(scores["a"], expected)
+
+
+# ---- combine, and criteria of your own ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "activation-mean", "activation-std", "apoz"])
+def test_combine_is_refused_where_it_does_not_apply(criterion):
+    with pytest.raises(ValueError, match="does not apply"):
+        fp.Pruner(Tiny(), torch.randn(1, 1, 5, 5), criterion=criterion, combine="max")
+
+
+@pytest.mark.parametrize("combine", ["sum", "max"])
+def test_combine_merges_taylor_weight_of_coupled_layers(combine):
+    x = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 1, 0])
+    model = Residual(l1_a=[1.0, 2.0, 3.0, 4.0], l1_b=[4.0, 1.0, 5.0, 0.5])
+    loss = lambda out, target: CE(out.mean((2, 3)), target)  # noqa: E731  (Residual returns maps)
+    hand = copy.deepcopy(model)
+    loss(hand(x), y).backward()
+    terms = [(conv.weight * conv.weight.grad).sum((1, 2, 3)) + conv.bias * conv.bias.grad for conv in (hand.a, hand.b)]
+    a, b = (t.detach().abs() for t in terms)
+    expected = a + b if combine == "sum" else torch.maximum(a, b)
+    pruner = fp.Pruner(model.eval(), x[:1], criterion="taylor-weight", combine=combine)
+    pruner.rank([(x, y)], loss, progress=False)
+    close(pruner.raw_scores(), expected)
+
+
+class NegativeL1(fp.Criterion):
+    """A user's own criterion: the larger a filter's L1 norm, the sooner it goes."""
+
+    name = "negative-l1"
+
+    def scores(self, model, graph, sums, combine="mean", seed=0):
+        return -fp.criteria.get("l1").scores(model, graph, None, combine)
+
+
+def test_a_criterion_of_your_own():
+    model = Tiny()
+    pruner = fp.Pruner(model, torch.randn(1, 1, 5, 5), criterion=NegativeL1(), normalize="none")
+    l1 = model.conv1.weight.detach().abs().sum((1, 2, 3))
+    close(per_group(pruner, pruner.raw_scores())["conv1"], -l1)
+    result = pruner.prune(1)
+    assert result.removed == {"conv1": [int(l1.argmax())]}
+
+
+def test_mean_and_cost_aware_normalisation():
+    model, x = Tiny(), torch.randn(1, 1, 6, 6)
+    mean = fp.Pruner(model, x, criterion="l1", normalize="mean")
+    raw, scores = per_group(mean, mean.raw_scores()), per_group(mean, mean.scores())
+    # 6x6 -> 4x4 maps; MACs a unit costs, as in the FLOPs regularisation test below.
+    macs = {"conv1": 1 * 3 * 3 * 16 + 2 * 1 * 1 * 16, "conv2": 3 * 1 * 1 * 16 + 2}
+    average = (3 * macs["conv1"] + 2 * macs["conv2"]) / 5
+    per_mac = per_group(mean, fp.Pruner(model, x, criterion="l1", normalize="macs").scores())
+    for name in ("conv1", "conv2"):
+        close(scores[name], raw[name] / raw[name].mean())
+        close(per_mac[name], raw[name] / raw[name].mean() / (macs[name] / average))
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        fp.Pruner(model, x, criterion="l1", normalize="L2")

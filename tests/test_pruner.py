@@ -248,3 +248,210 @@ def test_select_names_what_prune_removes_without_removing():
     assert int(mask.sum()) == 12 and sum(p.numel() for p in model.parameters()) == before
     expected = {g.name: int(mask[g.offset:g.offset + g.size].sum()) for g in pruner.groups}
     assert pruner.prune(12).removed_per_group == {k: v for k, v in expected.items() if v}
+
+
+# ---- targets ---------------------------------------------------------------------------------------------
+
+
+def test_exactly_one_target():
+    _, pruner = make()
+    for kwargs in ({}, {"n": 1, "ratio": 0.1}, {"ratio": 0.1, "macs": 2.0}):
+        with pytest.raises(ValueError, match="exactly one"):
+            pruner.prune(**kwargs)
+
+
+def test_ratio_removes_that_share_of_the_units_there_are_now():
+    _, pruner = make()  # 8 + 16 + 32 = 56 units
+    assert pruner.prune(ratio=0.25).count == 14
+    assert pruner.prune(ratio=0.5).count == 21  # half of the 42 left
+
+
+def independent_macs(model):
+    return fp.profile(model, X[:1], latency=False).macs
+
+
+def small_vgg():
+    torch.manual_seed(0)
+    return fp.vgg16_layout(num_classes=2, width=0.125).eval()
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_macs_target_is_met_in_rank_order_overshooting_by_at_most_one_unit(round_to):
+    model = small_vgg()
+    x = torch.randn(1, 3, 32, 32)
+    start = fp.profile(model, x, latency=False).macs
+    pruner = fp.Pruner(model, x, criterion="l1", round_to=round_to, ignore=[model.classifier[0], model.classifier[3]])
+    assert pruner.macs_at_start == start
+    fewer = copy.deepcopy(model)
+    result = pruner.prune(macs=2.0)
+    after = fp.profile(model, x, latency=False).macs
+    assert (result.macs_before, result.macs_after) == (start, after)
+    assert after <= start / 2.0 and result.check == "exact"
+    if round_to == 1:  # one unit fewer, in the same rank order, would miss the target
+        again = fp.Pruner(fewer, x, criterion="l1", round_to=1, ignore=[fewer.classifier[0], fewer.classifier[3]])
+        again.prune(result.count - 1)
+        assert fp.profile(fewer, x, latency=False).macs > start / 2.0
+    else:
+        assert all(size % 8 == 0 or size == before for size, before in zip(
+            pruner_sizes(pruner), pruner_sizes(fp.Pruner(small_vgg(), x, criterion="l1"))))
+
+
+def pruner_sizes(pruner):
+    return [g.size for g in pruner.groups]
+
+
+def test_macs_target_counts_from_when_the_pruner_was_made():
+    model = small_vgg()
+    x = torch.randn(1, 3, 32, 32)
+    pruner = fp.Pruner(model, x, criterion="l1", ignore=[model.classifier[0], model.classifier[3]])
+    first = pruner.prune(macs=1.5)
+    second = pruner.prune(macs=3.0)
+    assert second.macs_before == first.macs_after and second.macs_after <= pruner.macs_at_start / 3.0
+    assert pruner.prune(macs=3.0).count == 0  # already there
+
+
+def test_unreachable_macs_target_is_a_clear_error():
+    model, pruner = make(min_channels={"a": 8, "b": 16, "c": 30})
+    with pytest.raises(ValueError, match="out of reach.*min_channels"):
+        pruner.prune(macs=2.0)
+    assert sizes(pruner) == {"a": 8, "b": 16, "c": 32}, "nothing may be removed"
+
+
+# ---- the self-check's numerics and shapes ----------------------------------------------------------------------
+
+
+class TwoHeads(Chain):
+    """Returns (logits, c's pooled features), or only the logits once fc has lost an output."""
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.b(torch.relu(self.a(x)))))
+        features = self.c(x).mean((2, 3))
+        logits = self.fc(features)
+        return (logits, features) if self.fc.out_features == 5 else (logits,)
+
+
+def cut_an_output_row(model, graph, remove):
+    kept = real_remove_units(model, graph, remove)
+    model.fc.weight = nn.Parameter(model.fc.weight.detach()[:4])
+    model.fc.bias = nn.Parameter(model.fc.bias.detach()[:4])
+    model.fc.out_features = 4
+    return kept
+
+
+def test_a_different_number_or_shape_of_outputs_is_refused(monkeypatch):
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    pruner = fp.Pruner(model, X[:1], criterion="l1")
+    monkeypatch.setattr(pruner_module, "remove_units", cut_an_output_row)
+    # zip() would compare only the logits, (1, 5) against (1, 4): refused for shapes, not by luck.
+    with pytest.raises(fp.GraphError, match=r"outputs have shapes \[\(1, 4\)\].*\[\(1, 5\), \(1, 32\)\]"):
+        pruner.prune(10)
+    assert model.fc.out_features == 5 and len(model(X)) == 2
+
+
+def test_bf16_model_passes_when_correct_and_is_refused_when_corrupted(monkeypatch):
+    model, pruner = make()
+    model.to(torch.bfloat16)
+    pruner = fp.Pruner(model, X[:1].bfloat16(), criterion="l1")
+    assert pruner.prune(10).check == "exact"
+    assert pruner.prune(10).count == 10
+    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    with pytest.raises(fp.GraphError, match="differs"):
+        pruner.prune(5)
+
+
+def test_check_runs_without_tf32_and_gives_the_settings_back(monkeypatch):
+    model, pruner = make()
+    seen = []
+    model.c.register_forward_hook(lambda *_: seen.append((torch.get_float32_matmul_precision(),
+                                                          torch.backends.cudnn.allow_tf32)))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    torch.set_float32_matmul_precision("high")
+    try:
+        pruner.prune(10)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert ("highest", False) in seen, "the reference and the check must run in full float32"
+
+
+def test_inexact_slots_are_checked_for_running_and_shapes_only(monkeypatch):
+    model, pruner = make()
+    for slot in pruner.graph.slots:  # as the graph marks a GroupNorm across channels
+        slot.exact = slot.module != "bn"
+    monkeypatch.setattr(pruner, "_retrace", lambda: None)  # keep the marks for this one prune
+    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    result = pruner.prune(40)
+    assert result.check == "forward-only" and result.removed_per_group.get("b")
+    model, pruner = make()
+    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    with pytest.raises(fp.GraphError, match="differs"):
+        pruner.prune(40)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_round_to_auto_is_8_on_cuda():
+    model = Chain().cuda()
+    assert fp.Pruner(model, X[:1].cuda(), criterion="l1").round_to == 8
+
+
+def test_round_to_auto_is_1_on_the_cpu():
+    assert make()[1].round_to == 1
+
+
+# ---- the user's model is left alone --------------------------------------------------------------------------
+
+
+def state_and_modes(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+            {name: m.training for name, m in model.named_modules()})
+
+
+def torchvision_model(name):
+    import torchvision
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None, num_classes=4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("mode", ["train", "eval", "one-bn-frozen"])
+@pytest.mark.parametrize("criterion", ["taylor", "l1"])
+def test_pruner_rank_and_select_leave_the_model_alone(name, mode, criterion):
+    model = torchvision_model(name).train(mode != "eval")
+    if mode == "one-bn-frozen":
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    state, modes = state_and_modes(model)
+    pruner = fp.Pruner(model, x[:1], criterion=criterion, ignore=[m for m in model.modules() if isinstance(m, nn.Linear)][-1:])
+    pruner.rank([(x, torch.tensor([0, 1, 2, 3]))], nn.CrossEntropyLoss(), progress=False)
+    pruner.select(ratio_units(pruner, 0.3))
+    pruner.macs()
+    after, modes_after = state_and_modes(model)
+    assert modes_after == modes
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], state[k]) for k in state), [k for k in state if not torch.equal(after[k], state[k])]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def ratio_units(pruner, share):
+    return int(share * sum(g.size for g in pruner.groups))
+
+
+# ---- the default policy on the torchvision zoo ------------------------------------------------------------------
+
+ZOO = ["vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121",
+       "efficientnet_b0", "googlenet", "shufflenet_v2_x0_5", "squeezenet1_1", "regnet_x_400mf"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_default_policy_halves_macs_exactly(name):
+    import torchvision
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval()
+    x = torch.randn(1, 3, 32, 32)
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    result = fp.Pruner(model, x, criterion="l1", ignore=classifier).prune(macs=2.0)
+    assert result.check == "exact"  # the self-check compared it with the zeroed unpruned model
+    assert result.macs_before / result.macs_after >= 1.9
+    assert result.macs_after == fp.profile(model, x, latency=False).macs

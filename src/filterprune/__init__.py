@@ -7,7 +7,7 @@
     filterprune.save(pruner.model, "pruned.safetensors")
 """
 
-from .criteria import CRITERIA
+from .criteria import CRITERIA, Criterion
 from .graph import ChannelGraph, GraphError, Group
 from .io import export_onnx, load, load_state_dict_file, save
 from .measure import Profile, latency_ms, profile, speed_change
@@ -17,7 +17,7 @@ from .pruner import PruneResult, Pruner
 from .schedule import Schedule, prune_iteratively
 
 __all__ = [
-    "CRITERIA", "ChannelGraph", "GraphError", "Group", "ModelError", "Profile", "PruneResult", "Pruner", "build",
-    "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "prune_iteratively", "save", "Schedule",
+    "CRITERIA", "ChannelGraph", "Criterion", "GraphError", "Group", "ModelError", "Profile", "PruneResult", "Pruner",
+    "Schedule", "build", "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "prune_iteratively", "save",
     "speed_change", "three_linear_head", "vgg16_layout",
 ]

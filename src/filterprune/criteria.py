@@ -1,13 +1,15 @@
 """How important each removable unit is: the criteria of 1611.06440 and the usual baselines.
 
-Every function returns one score per unit of a ChannelGraph (higher = more important; NaN = this
-criterion cannot score that unit). Two kinds of criteria:
+A criterion is a `Criterion` object: its name, whether it needs a pass over data, what that pass
+records for it, and how it turns the weights or the recorded sums into one score per unit of a
+ChannelGraph (higher = more important; NaN = this criterion cannot score that unit).
 
 - weight criteria read the model's parameters: `l1`, `l2` (filter norms, Li et al.), `bn-scale`
   (|gamma| of the norms), `random`, and `taylor-weight` (|sum of w * dL/dw| over a filter,
-  Molchanov et al. 2019) when gradients are at hand;
-- data criteria need a pass over data (`accumulate`): `taylor` (1611.06440), `activation-mean`,
-  `activation-std`, `apoz` (1 - average percentage of zeros, Hu et al.), and `taylor-weight`.
+  Molchanov et al. 2019) from the gradients at hand;
+- data criteria score from a pass over data (`accumulate`): `taylor` (1611.06440),
+  `activation-mean`, `activation-std`, `apoz` (1 - average percentage of zeros, Hu et al.), and
+  `taylor-weight` summed over examples.
 
 Activations are observed where channels are *consumed*: at the input of every conv or Linear that
 would lose an input column. Zeroing a channel there is exactly what removing it does, so the
@@ -16,6 +18,7 @@ first-order Taylor term measured there is the change of the loss that removal ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -23,12 +26,43 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .graph import ChannelGraph, Slot
+from .utils import evaluating
 
-WEIGHT_CRITERIA = ("l1", "l2", "bn-scale", "random", "taylor-weight")
-DATA_CRITERIA = ("taylor", "activation-mean", "activation-std", "apoz", "taylor-weight")
-CRITERIA = ("taylor", "taylor-weight", "l1", "l2", "activation-mean", "activation-std", "apoz", "bn-scale", "random")
 COMBINE = ("mean", "sum", "max")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass
+class Sums:
+    """What `accumulate` added up over the examples: per-unit float64 sums, and the example count.
+
+    "taylor": sum over examples of |sum over consumers of the Taylor term|; "mean", "square",
+    "zeros", "count": per-feature-map sums of activations, their squares, exact zeros and the
+    number of maps; "tw:<slot>": sum over batches of |w * dL/dw| of that slot's filters.
+    """
+
+    totals: dict[str, torch.Tensor]
+    examples: torch.Tensor
+
+
+class Criterion:
+    """One way to score units. Subclass it, set `name`, and implement `scores`.
+
+    needs_data: the scores only exist after Pruner.rank() (a pass over data).
+    records: what `accumulate` records for it during forward and backward: "gates" (the Taylor
+    term per example at each consumer), "stats" (activation statistics), "weight_grads" (w * dL/dw).
+    combines: whether the `combine` option (how coupled layers' scores merge) applies to it.
+    """
+
+    name: str = ""
+    needs_data: bool = False
+    records: frozenset[str] = frozenset()
+    combines: bool = True  # scores layers separately and merges coupled ones with `combine`
+
+    def scores(self, model: nn.Module, graph: ChannelGraph, sums: Sums | None, combine: str = "mean",
+               seed: int = 0) -> torch.Tensor:
+        """One score per unit, from the weights (`sums` None) or from what `accumulate` recorded."""
+        raise NotImplementedError
 
 
 class _Combiner:
@@ -56,85 +90,216 @@ def _per_unit(slot: Slot, values: torch.Tensor, num_units: int) -> tuple[torch.T
     """Sum a slot's per-index values into its units; also say which units the slot holds."""
     owned = slot.owner >= 0
     sums = torch.zeros(num_units, dtype=torch.float64)
-    # Bookkeeping is on the CPU (slot.owner lives there); values may come from a GPU model.
     sums.index_add_(0, slot.owner[owned], values.detach().to("cpu", torch.float64)[owned])
     present = torch.zeros(num_units, dtype=torch.bool)
     present[slot.owner[owned]] = True
     return sums, present
 
 
-def _rows(model: nn.Module, slot: Slot, names=("weight", "bias")) -> list[torch.Tensor]:
-    module = model.get_submodule(slot.module)
-    return [getattr(module, n).detach().flatten(1) if getattr(module, n).dim() > 1 else getattr(module, n).detach()[:, None]
-            for n in names if getattr(module, n, None) is not None]
-
-
-def weight_scores(name: str, model: nn.Module, graph: ChannelGraph, combine: str = "mean", seed: int = 0) -> torch.Tensor:
-    """Scores of a weight criterion (`l1`, `l2`, `bn-scale`, `random`, `taylor-weight` from .grad)."""
-    units = graph.num_units
-    if name == "random":
-        return torch.rand(units, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    merged = _Combiner(units, combine)
-    for slot in graph.slots:
-        if name in ("l1", "l2") and slot.role == "out":
-            weight = _rows(model, slot, ("weight",))[0]
-            per_index = weight.abs().sum(1) if name == "l1" else weight.pow(2).sum(1)
-            sums, present = _per_unit(slot, per_index, units)
-            merged.add(sums if name == "l1" else sums.sqrt(), present)
-        elif name == "bn-scale" and slot.role == "channel" and isinstance(model.get_submodule(slot.module), _NORM_TYPES):
-            gamma = model.get_submodule(slot.module).weight
-            if gamma is not None:
-                sums, present = _per_unit(slot, gamma.detach().abs(), units)
-                merged.add(sums, present)
-        elif name == "taylor-weight" and slot.role in ("out", "channel"):
-            module = model.get_submodule(slot.module)
-            params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
-            if any(p.grad is None for p in params):
-                raise RuntimeError("taylor-weight needs gradients: call rank(loader, loss_fn) or run a backward pass first")
-            product = sum((p.detach() * p.grad).flatten(1).sum(1) if p.dim() > 1 else p.detach() * p.grad for p in params)
-            sums, present = _per_unit(slot, product, units)
-            merged.add(sums.abs(), present)
-    if name not in WEIGHT_CRITERIA:
-        raise ValueError(f"{name!r} is not a weight criterion; weight criteria are {WEIGHT_CRITERIA}")
+def _combined(graph: ChannelGraph, combine: str, per_slot: Iterable[tuple[Slot, torch.Tensor]],
+              finish: Callable[[torch.Tensor], torch.Tensor] = lambda s: s) -> torch.Tensor:
+    """Sum each slot's per-index values into units, `finish` them, and merge the slots' scores."""
+    merged = _Combiner(graph.num_units, combine)
+    for slot, values in per_slot:
+        sums, present = _per_unit(slot, values, graph.num_units)
+        merged.add(finish(sums), present)
     return merged.result()
 
 
-class _Consumed:
-    """Hooks on every layer that consumes channels, recording what each criterion needs per batch."""
+def _params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, gates: bool, stats: bool) -> None:
-        self.graph, self.gates, self.want_stats = graph, gates, stats
+
+def _filter_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of each tensor over all but its first axis, added up over the tensors."""
+    return sum(t.flatten(1).sum(1) if t.dim() > 1 else t for t in tensors)
+
+
+class L1(Criterion):
+    name = "l1"
+
+    def scores(self, model, graph, sums=None, combine="mean", seed=0):
+        weights = ((s, model.get_submodule(s.module).weight.detach()) for s in graph.slots if s.role == "out")
+        return _combined(graph, combine, ((s, w.abs().flatten(1).sum(1)) for s, w in weights))
+
+
+class L2(Criterion):
+    name = "l2"
+
+    def scores(self, model, graph, sums=None, combine="mean", seed=0):
+        weights = ((s, model.get_submodule(s.module).weight.detach()) for s in graph.slots if s.role == "out")
+        return _combined(graph, combine, ((s, w.pow(2).flatten(1).sum(1)) for s, w in weights), torch.sqrt)
+
+
+class BNScale(Criterion):
+    name = "bn-scale"
+
+    def scores(self, model, graph, sums=None, combine="mean", seed=0):
+        norms = ((s, model.get_submodule(s.module)) for s in graph.slots if s.role == "channel")
+        return _combined(graph, combine, ((s, m.weight.detach().abs()) for s, m in norms
+                                          if isinstance(m, _NORM_TYPES) and m.weight is not None))
+
+
+class Random(Criterion):
+    name = "random"
+
+    def scores(self, model, graph, sums=None, combine="mean", seed=0):
+        return torch.rand(graph.num_units, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class TaylorWeight(Criterion):
+    name = "taylor-weight"
+    records = frozenset({"weight_grads"})
+
+    def scores(self, model, graph, sums=None, combine="mean", seed=0):
+        slots = _weight_slots(graph)
+        if sums is not None:  # from rank(): |w * dL/dw| per batch, averaged over examples
+            return _merge_recorded(graph, combine, slots, sums)
+        per_slot = []
+        for slot in slots:
+            params = _params(model.get_submodule(slot.module))
+            if any(p.grad is None for p in params):
+                raise RuntimeError("taylor-weight needs gradients: call rank(loader, loss_fn) or run a backward pass first")
+            per_slot.append((slot, _filter_sum(p.detach() * p.grad for p in params)))
+        return _combined(graph, combine, per_slot, torch.abs)
+
+
+def _weight_slots(graph: ChannelGraph) -> list[Slot]:
+    return [s for s in graph.slots if s.role in ("out", "channel")]
+
+
+def _merge_recorded(graph: ChannelGraph, combine: str, slots: list[Slot], sums: Sums) -> torch.Tensor:
+    merged = _Combiner(graph.num_units, combine)
+    for slot in slots:
+        present = _per_unit(slot, torch.zeros(len(slot.owner)), graph.num_units)[1]
+        merged.add(sums.totals[f"tw:{slot.module}:{slot.role}"] / sums.examples, present)
+    return merged.result()
+
+
+class Taylor(Criterion):
+    name = "taylor"
+    needs_data = True
+    records = frozenset({"gates"})
+    combines = False  # a unit's terms are summed over its consumers per example
+
+    def scores(self, model, graph, sums, combine="mean", seed=0):
+        return sums.totals["taylor"] / sums.examples
+
+
+def _per_map(sums: Sums, key: str) -> torch.Tensor:
+    """Average of a recorded activation statistic over examples and feature maps."""
+    count = sums.totals["count"]
+    return sums.totals[key] / torch.where(count > 0, count, torch.nan)
+
+
+class ActivationMean(Criterion):
+    name = "activation-mean"
+    needs_data = True
+    records = frozenset({"stats"})
+    combines = False  # statistics are averaged over every consumer's copy of a channel
+
+    def scores(self, model, graph, sums, combine="mean", seed=0):
+        return _per_map(sums, "mean")
+
+
+class ActivationStd(ActivationMean):
+    name = "activation-std"
+
+    def scores(self, model, graph, sums, combine="mean", seed=0):
+        return (_per_map(sums, "square") - _per_map(sums, "mean").pow(2)).clamp_min(0).sqrt()
+
+
+class APoZ(ActivationMean):
+    name = "apoz"
+
+    def scores(self, model, graph, sums, combine="mean", seed=0):
+        return 1.0 - _per_map(sums, "zeros")
+
+
+REGISTRY: dict[str, type[Criterion]] = {c.name: c for c in (Taylor, TaylorWeight, L1, L2, ActivationMean, ActivationStd,
+                                                             APoZ, BNScale, Random)}
+CRITERIA = tuple(REGISTRY)
+DATA_CRITERIA = tuple(n for n, c in REGISTRY.items() if c.records)  # rank() makes a pass over data for these
+WEIGHT_CRITERIA = tuple(n for n, c in REGISTRY.items() if not c.needs_data)  # these score without one
+
+
+def get(criterion: str | Criterion) -> Criterion:
+    """The criterion object for a registered name, or the given object itself."""
+    if isinstance(criterion, Criterion):
+        return criterion
+    if criterion not in REGISTRY:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)} or pass a Criterion")
+    return REGISTRY[criterion]()
+
+
+def weight_scores(name: str | Criterion, model: nn.Module, graph: ChannelGraph, combine: str = "mean",
+                  seed: int = 0) -> torch.Tensor:
+    """Scores of a criterion that needs no pass over data (`l1`, `l2`, `bn-scale`, `random`, `taylor-weight`)."""
+    criterion = get(name)
+    if criterion.needs_data:
+        raise ValueError(f"{criterion.name!r} is not a weight criterion; weight criteria are {WEIGHT_CRITERIA}")
+    return criterion.scores(model, graph, None, combine, seed)
+
+
+class _Recorder:
+    """Forward pre-hooks on every layer that consumes channels. They add activation statistics into
+    per-unit sums and put a gate of ones on each input whose gradient is the Taylor term per map.
+
+    Everything stays on the model's device: each slot's index tensors are moved there once and
+    cached, and nothing waits for the device during a batch (no .item(), no .cpu()).
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, records: set[str], totals: dict[str, torch.Tensor]) -> None:
+        self.records, self.totals = records, totals
         self.taps: list[tuple[Slot, torch.Tensor, int]] = []  # slot, gate, values per feature map
-        self.stats: list[tuple[Slot, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        by_module = {s.module: s for s in graph.slots if s.role == "in" and bool((s.owner >= 0).any())}
-        self.handles = [model.get_submodule(name).register_forward_pre_hook(self._hook(slot)) for name, slot in by_module.items()]
+        self._index: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
+        consumers = {s.module: s for s in graph.slots if s.role == "in" and bool((s.owner >= 0).any())}
+        self.handles = [model.get_submodule(name).register_forward_pre_hook(self._hook(slot, model.get_submodule(name)))
+                        for name, slot in consumers.items()] if records & {"gates", "stats"} else []
 
-    def _hook(self, slot: Slot) -> Callable:
-        channel_dim = -1 if slot.role == "in" and isinstance(self._module_of(slot), nn.Linear) else 1
+    def index(self, slot: Slot, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions of the slot's owned indices, their units and their weights (1 / copies), on `device`."""
+        key = (id(slot), device)
+        if key not in self._index:
+            positions = (slot.owner >= 0).nonzero().squeeze(1)
+            self._index[key] = (positions.to(device), slot.owner[positions].to(device),
+                                slot.spread[positions].to(device, torch.float64))
+        return self._index[key]
 
-        def hook(module, args):
+    def _hook(self, slot: Slot, module: nn.Module) -> Callable:
+        last = isinstance(module, nn.Linear)  # a Linear consumes the last axis, a conv axis 1
+
+        def hook(_, args):
             x = args[0]
-            dim = channel_dim % x.dim()
-            other = [d for d in range(1, x.dim()) if d != dim]
-            per_map = x[0].numel() // x.shape[dim]
-            z = x.detach()
-            if self.want_stats:  # per example and feature map: mean, mean of squares, share of exact zeros
-                self.stats.append((slot, z.mean(other), z.pow(2).mean(other), (z == 0).double().mean(other)) if other
-                                  else (slot, z, z.pow(2), (z == 0).double()))
-            if not self.gates:
+            dim = x.dim() - 1 if last else 1
+            positions, owner, spread = self.index(slot, x.device)
+            batch, per_map = x.shape[0], x[0].numel() // x.shape[dim]
+            if "stats" in self.records:  # per example and feature map: mean, mean of squares, share of zeros
+                z = x.detach().movedim(dim, 1).reshape(batch, x.shape[dim], -1)
+                for key, value in (("mean", z.mean(2)), ("square", z.pow(2).mean(2)), ("zeros", (z == 0).double().mean(2))):
+                    self.totals[key].index_add_(0, owner, (value.double().index_select(1, positions) * spread).sum(0))
+                self.totals["count"].index_add_(0, owner, spread * batch)
+            if "gates" not in self.records:
                 return None
-            shape = [x.shape[0]] + [x.shape[d] if d == dim else 1 for d in range(1, x.dim())]
+            shape = [batch] + [x.shape[d] if d == dim else 1 for d in range(1, x.dim())]
             gate = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
             self.taps.append((slot, gate, per_map))
             return (x * gate,) + tuple(args[1:])
 
         return hook
 
-    def _module_of(self, slot: Slot) -> nn.Module:
-        return self.graph.model.get_submodule(slot.module)
-
-    def clear(self) -> None:
-        self.taps, self.stats = [], []
+    def add_taylor(self, grads: list[torch.Tensor | None], batch: int, device: torch.device) -> None:
+        """Sum each example's Taylor terms over a unit's consumers, then add |that| per example."""
+        per_example = torch.zeros(batch, self.totals["taylor"].numel(), dtype=torch.float64, device=device)
+        for (slot, _, per_map), grad in zip(self.taps, grads):
+            if grad is None:  # a consumer the loss does not depend on (an unused branch)
+                continue
+            positions, owner, spread = self.index(slot, device)
+            # grad of the gate = sum over the map of activation * gradient; / per_map -> the mean.
+            values = grad.detach().reshape(batch, -1).double().index_select(1, positions) * (spread / per_map)
+            per_example.index_add_(1, owner, values)
+        self.totals["taylor"] += per_example.abs().sum(0)
+        self.taps = []
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -146,7 +311,7 @@ def accumulate(
     graph: ChannelGraph,
     loader: Iterable,
     loss_fn: Callable,
-    names: Iterable[str],
+    names: Iterable[str | Criterion],
     combine: str = "mean",
     device: torch.device | str | None = None,
     max_batches: int | None = None,
@@ -159,88 +324,63 @@ def accumulate(
     so a smaller last batch is weighted correctly. `loss_fn` must return the batch *mean* (as
     nn.CrossEntropyLoss does); gradients are rescaled by the batch size so that every example's
     Taylor term is the derivative of its own loss. `reduce`, if given, sums the accumulators
-    across processes (see distributed use) before the scores are formed.
+    across processes (see distributed use) before the scores are formed. Returns name -> scores.
     """
-    names = list(dict.fromkeys(names))
-    unknown = set(names) - set(DATA_CRITERIA)
-    if unknown:
-        raise ValueError(f"{sorted(unknown)} are not data criteria; data criteria are {DATA_CRITERIA}")
-    units = graph.num_units
-    need_gates = "taylor" in names
-    weight_slots = [s for s in graph.slots if s.role in ("out", "channel")] if "taylor-weight" in names else []
-    weight_params = [[p for p in (model.get_submodule(s.module).weight, getattr(model.get_submodule(s.module), "bias", None)) if p is not None]
-                     for s in weight_slots]
-    sums = {key: torch.zeros(units, dtype=torch.float64) for key in ("taylor", "mean", "square", "zeros", "count")}
-    for i in range(len(weight_slots)):
-        sums[f"tw{i}"] = torch.zeros(units, dtype=torch.float64)
-    examples = torch.zeros(1, dtype=torch.float64)
-    if device is None:  # batches go where the model is (was: always the CPU, which fails for a GPU model)
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else "cpu"
-    was_training = model.training
-    model.eval()  # running statistics and dropout must not change while we only measure
-    consumed = _Consumed(model, graph, gates=need_gates, stats=bool({"activation-mean", "activation-std", "apoz"} & set(names)))
-    try:
-        batches = tqdm(loader, desc="rank", total=max_batches or _len(loader), disable=not progress, leave=False)
-        for index, (inputs, targets) in enumerate(batches):
-            if max_batches is not None and index >= max_batches:
-                break
-            inputs, targets = inputs.to(device), targets.to(device)
-            batch = inputs.shape[0]
-            consumed.clear()
-            with torch.set_grad_enabled(need_gates or bool(weight_slots)):
+    chosen = {c.name: c for c in map(get, names)}
+    without = [n for n, c in chosen.items() if not c.records]
+    if without:
+        raise ValueError(f"{without} record nothing from data; data criteria are {DATA_CRITERIA}")
+    records = set().union(*(c.records for c in chosen.values()))
+    if device is None:  # batches go where the model is
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+    zeros = lambda: torch.zeros(graph.num_units, dtype=torch.float64, device=device)  # noqa: E731
+    totals = {key: zeros() for key in ("taylor", "mean", "square", "zeros", "count")}
+    slots = _weight_slots(graph) if "weight_grads" in records else []
+    params = [_params(model.get_submodule(s.module)) for s in slots]
+    totals.update({f"tw:{s.module}:{s.role}": zeros() for s in slots})
+    examples = 0
+    recorder = _Recorder(model, graph, records, totals)
+    try:  # eval: running statistics and dropout must not change while we only measure
+        with evaluating(model), torch.set_grad_enabled(bool(records - {"stats"})):
+            batches = tqdm(loader, desc="rank", total=max_batches or _len(loader), disable=not progress, leave=False)
+            for index, (inputs, targets) in enumerate(batches):
+                if max_batches is not None and index >= max_batches:
+                    break
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                batch = inputs.shape[0]
                 loss = loss_fn(model(inputs), targets)
-                wanted = [gate for _, gate, _ in consumed.taps] + [p for ps in weight_params for p in ps]
+                wanted = [gate for _, gate, _ in recorder.taps] + [p for ps in params for p in ps]
                 grads = list(torch.autograd.grad(loss * batch, wanted, allow_unused=True)) if wanted else []
-            per_example = torch.zeros(batch, units, dtype=torch.float64)
-            for (slot, _, per_map), grad in zip(consumed.taps, grads):
-                if grad is None:  # a consumer the loss does not depend on (an unused branch)
-                    continue
-                owned = slot.owner >= 0
-                # grad of the gate = sum over the map of activation * gradient; / per_map -> the mean.
-                # .cpu(): the accumulators and slot tensors are on the CPU, the model may be on a GPU.
-                values = grad.detach().reshape(batch, -1).double().cpu()[:, owned] * (slot.spread[owned] / per_map)
-                per_example.index_add_(1, slot.owner[owned], values)
-            sums["taylor"] += per_example.abs().sum(0)
-            for slot, mean, square, zeros in consumed.stats:
-                owned = slot.owner >= 0
-                weight = slot.spread[owned]
-                for key, value in (("mean", mean), ("square", square), ("zeros", zeros)):
-                    sums[key].index_add_(0, slot.owner[owned], (value.reshape(batch, -1).double().cpu()[:, owned] * weight).sum(0))
-                sums["count"].index_add_(0, slot.owner[owned], weight * batch)
-            offset = len(consumed.taps)
-            for i, (slot, params) in enumerate(zip(weight_slots, weight_params)):
-                param_grads = grads[offset:offset + len(params)]
-                offset += len(params)
-                # grads are of the summed loss; / batch gives the usual mean-loss gradient.
-                product = sum((p.detach() * g / batch).flatten(1).sum(1) if p.dim() > 1 else p.detach() * g / batch
-                              for p, g in zip(params, param_grads) if g is not None)
-                if isinstance(product, torch.Tensor):
-                    sums[f"tw{i}"] += _per_unit(slot, product, units)[0].abs() * batch
-            examples += batch
+                if "gates" in records:
+                    recorder.add_taylor(grads[:len(recorder.taps)], batch, device)
+                _add_weight_taylor(totals, slots, params, grads[len(wanted) - sum(map(len, params)):], batch, recorder)
+                examples += batch
     finally:
-        consumed.remove()
-        model.train(was_training)
-    if reduce is not None:
-        for key in sums:
-            sums[key] = reduce(sums[key])
-        examples = reduce(examples)
-    if examples.item() == 0:
+        recorder.remove()
+    if examples == 0:
         raise ValueError("the loader gave no batches to rank with")
-    count = torch.where(sums["count"] > 0, sums["count"], torch.nan)
-    mean = sums["mean"] / count
-    results = {
-        "taylor": sums["taylor"] / examples,
-        "activation-mean": mean,
-        "activation-std": (sums["square"] / count - mean.pow(2)).clamp_min(0).sqrt(),
-        "apoz": 1.0 - sums["zeros"] / count,
-    }
-    if weight_slots:
-        merged = _Combiner(units, combine)
-        for i, slot in enumerate(weight_slots):
-            merged.add(sums[f"tw{i}"] / examples, _per_unit(slot, torch.zeros(len(slot.owner)), units)[1])
-        results["taylor-weight"] = merged.result()
-    return {name: results[name] for name in names}
+    sums = Sums(totals, torch.tensor(float(examples), dtype=torch.float64, device=device))
+    if reduce is not None:
+        sums = Sums({key: reduce(value) for key, value in totals.items()}, reduce(sums.examples))
+    sums = Sums({key: value.cpu() for key, value in sums.totals.items()}, sums.examples.cpu())  # one copy, at the end
+    return {name: c.scores(model, graph, sums, combine) for name, c in chosen.items()}
+
+
+def _add_weight_taylor(totals: dict, slots: list[Slot], params: list[list[torch.Tensor]], grads: list, batch: int,
+                       recorder: _Recorder) -> None:
+    """Add |sum over each filter of w * dL/dw| (the batch-mean loss) times the batch size, per slot."""
+    offset = 0
+    for slot, ps in zip(slots, params):
+        gs = grads[offset:offset + len(ps)]
+        offset += len(ps)
+        # grads are of the summed loss; / batch gives the usual mean-loss gradient.
+        product = _filter_sum(p.detach() * g / batch for p, g in zip(ps, gs) if g is not None)
+        if isinstance(product, torch.Tensor):
+            positions, owner, _ = recorder.index(slot, product.device)
+            per_unit = torch.zeros_like(totals[f"tw:{slot.module}:{slot.role}"])
+            per_unit.index_add_(0, owner, product.double().index_select(0, positions))
+            totals[f"tw:{slot.module}:{slot.role}"] += per_unit.abs() * batch
 
 
 def _len(loader) -> int | None:

@@ -564,12 +564,13 @@ def test_distillation_and_speed_flags_reach_the_schedule():
     from filterprune.cli_args import parse
     from filterprune.schedule import Schedule
 
-    if not {"distill", "temperature", "amp", "channels_last"} <= Schedule.__dataclass_fields__.keys():
-        pytest.skip("this Schedule has no distillation/amp/channels-last fields yet")
     args = parse(["prune", "--data", "d", "--distill", "0.7", "--temperature", "2", "--amp", "--channels-last"])
     schedule = cli._schedule(args)
     assert (schedule.distill, schedule.temperature, schedule.amp, schedule.channels_last) == (0.7, 2.0, True, True)
     assert cli._schedule(parse(["prune", "--data", "d"])).distill == Schedule().distill  # off unless asked
+    schedule = cli._schedule(parse(["prune", "--data", "d", "--round-to", "8", "--normalize", "l2", "--latency-batch", "64"]))
+    assert (schedule.round_to, schedule.normalize, schedule.latency_batch) == (8, "l2", 64)
+    assert cli._schedule(parse(["prune", "--data", "d"])).round_to == "auto"
 
 
 def test_vgg_classifier_is_ignored_unless_prune_linear():

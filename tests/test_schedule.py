@@ -353,10 +353,11 @@ def test_flops_regularisation_moves_pruning_to_costly_channels():
     """With lambda large, the MACs cost dominates: the first block's channels (32x32 maps) go first."""
     torch.manual_seed(0)
     model = fp.vgg16_layout(num_classes=2, width=0.125)
-    plain = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1", ignore=[model.classifier[0], model.classifier[3]])
+    plain = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1", normalize="l2",
+                      ignore=[model.classifier[0], model.classifier[3]])
     removed_plain = plain.prune(20).removed_per_group
     model = fp.vgg16_layout(num_classes=2, width=0.125)
-    costly = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1", flops_lambda=10.0,
+    costly = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion="l1", normalize="l2", flops_lambda=10.0,
                        ignore=[model.classifier[0], model.classifier[3]])
     removed_costly = costly.prune(20).removed_per_group
     first_block = ("features.0", "features.3")

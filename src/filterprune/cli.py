@@ -96,15 +96,14 @@ def _submodule(model: nn.Module, name: str | None) -> nn.Module:
 
 
 def _schedule(args) -> Schedule:
-    """The prune command's options as a Schedule (options other helpers add are passed only when set)."""
-    optional = {"distill": args.distill or None, "temperature": args.temperature if args.distill else None,
-                "amp": args.amp or None, "channels_last": args.channels_last or None}
+    """The prune command's options as a Schedule."""
     return Schedule(criterion=args.criterion, step=args.step, epochs=args.epochs_between, final_epochs=args.final_epochs,
                     max_iterations=args.iterations, target_macs=args.target_macs, target_speedup=args.target_speedup,
                     target_size=args.target_size, max_accuracy_drop=args.max_drop, lr=args.lr, optimizer=args.optimizer,
-                    flops_lambda=args.flops_lambda, latency_aware=args.latency_aware, round_to=args.round_to,
-                    min_channels=args.min_channels, rank_batches=args.rank_batches, seed=args.seed,
-                    **{k: v for k, v in optional.items() if v is not None})
+                    distill=args.distill, temperature=args.temperature, amp=args.amp, channels_last=args.channels_last,
+                    flops_lambda=args.flops_lambda, latency_aware=args.latency_aware, latency_batch=args.latency_batch,
+                    round_to=args.round_to, normalize=args.normalize, min_channels=args.min_channels,
+                    rank_batches=args.rank_batches, seed=args.seed)
 
 
 def _folders(args):

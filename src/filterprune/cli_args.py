@@ -8,10 +8,23 @@ import tomllib
 from pathlib import Path
 
 from .criteria import CRITERIA
+from .pruner import NORMALIZE
 
 
 class UsageError(ValueError):
     """Bad command-line input (options, their values, a config file); the message says what to do."""
+
+
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 1, not {text!r}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser, data_needed: bool = True) -> None:
@@ -57,7 +70,12 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop", type=float, help="stop before losing more than this many accuracy points")
     p.add_argument("--flops-lambda", type=float, default=0.0, help="FLOPs regularisation (paper: 1e-3)")
     p.add_argument("--latency-aware", action="store_true", help="regularise by measured latency per channel instead of MACs")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts at multiples of this (e.g. 8)")
+    p.add_argument("--round-to", type=_round_to, default="auto",
+                   help="keep channel counts at multiples of this (default auto: 8 on CUDA, 1 on the CPU)")
+    p.add_argument("--normalize", default="macs", choices=NORMALIZE,
+                   help="how scores of different layers are made comparable (default macs: score per MAC a channel costs; "
+                        "l2: the paper's per-layer L2 norm)")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the measured latency (targets, --latency-aware)")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--rank-batches", type=int, help="rank on at most this many batches")
     p.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs are never pruned")

@@ -19,7 +19,7 @@ first-order Taylor term measured there is the change of the loss that removal ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -110,25 +110,37 @@ def _params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
 
 
-def _filter_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Sum of each tensor over all but its first axis, added up over the tensors."""
-    return sum(t.flatten(1).sum(1) if t.dim() > 1 else t for t in tensors)
+def _output_first(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """`t` with the module's output channels on axis 0: a transposed conv keeps them on axis 1."""
+    transposed = isinstance(module, nn.modules.conv._ConvNd) and module.transposed
+    return t.transpose(0, 1) if transposed and t.dim() > 1 else t
+
+
+def _filter_sum(module: nn.Module, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of each tensor over all but its output-channel axis, added up over the tensors."""
+    return sum(_output_first(module, t).flatten(1).sum(1) if t.dim() > 1 else t for t in tensors)
+
+
+def _out_weights(model: nn.Module, graph: ChannelGraph) -> Iterator[tuple[Slot, torch.Tensor]]:
+    """Each output slot with its layer's weight, output channels first."""
+    for slot in graph.slots:
+        if slot.role == "out":
+            module = model.get_submodule(slot.module)
+            yield slot, _output_first(module, module.weight.detach())
 
 
 class L1(Criterion):
     name = "l1"
 
     def scores(self, model, graph, sums=None, combine="mean", seed=0):
-        weights = ((s, model.get_submodule(s.module).weight.detach()) for s in graph.slots if s.role == "out")
-        return _combined(graph, combine, ((s, w.abs().flatten(1).sum(1)) for s, w in weights))
+        return _combined(graph, combine, ((s, w.abs().flatten(1).sum(1)) for s, w in _out_weights(model, graph)))
 
 
 class L2(Criterion):
     name = "l2"
 
     def scores(self, model, graph, sums=None, combine="mean", seed=0):
-        weights = ((s, model.get_submodule(s.module).weight.detach()) for s in graph.slots if s.role == "out")
-        return _combined(graph, combine, ((s, w.pow(2).flatten(1).sum(1)) for s, w in weights), torch.sqrt)
+        return _combined(graph, combine, ((s, w.pow(2).flatten(1).sum(1)) for s, w in _out_weights(model, graph)), torch.sqrt)
 
 
 class BNScale(Criterion):
@@ -157,10 +169,11 @@ class TaylorWeight(Criterion):
             return _merge_recorded(graph, combine, slots, sums)
         per_slot = []
         for slot in slots:
-            params = _params(model.get_submodule(slot.module))
+            module = model.get_submodule(slot.module)
+            params = _params(module)
             if any(p.grad is None for p in params):
                 raise RuntimeError("taylor-weight needs gradients: call rank(loader, loss_fn) or run a backward pass first")
-            per_slot.append((slot, _filter_sum(p.detach() * p.grad for p in params)))
+            per_slot.append((slot, _filter_sum(module, (p.detach() * p.grad for p in params))))
         return _combined(graph, combine, per_slot, torch.abs)
 
 
@@ -354,7 +367,7 @@ def accumulate(
                 grads = list(torch.autograd.grad(loss * batch, wanted, allow_unused=True)) if wanted else []
                 if "gates" in records:
                     recorder.add_taylor(grads[:len(recorder.taps)], batch, device)
-                _add_weight_taylor(totals, slots, params, grads[len(wanted) - sum(map(len, params)):], batch, recorder)
+                _add_weight_taylor(totals, model, slots, params, grads[len(wanted) - sum(map(len, params)):], batch, recorder)
                 examples += batch
     finally:
         recorder.remove()
@@ -367,15 +380,16 @@ def accumulate(
     return {name: c.scores(model, graph, sums, combine) for name, c in chosen.items()}
 
 
-def _add_weight_taylor(totals: dict, slots: list[Slot], params: list[list[torch.Tensor]], grads: list, batch: int,
-                       recorder: _Recorder) -> None:
+def _add_weight_taylor(totals: dict, model: nn.Module, slots: list[Slot], params: list[list[torch.Tensor]], grads: list,
+                       batch: int, recorder: _Recorder) -> None:
     """Add |sum over each filter of w * dL/dw| (the batch-mean loss) times the batch size, per slot."""
     offset = 0
     for slot, ps in zip(slots, params):
+        module = model.get_submodule(slot.module)
         gs = grads[offset:offset + len(ps)]
         offset += len(ps)
         # grads are of the summed loss; / batch gives the usual mean-loss gradient.
-        product = _filter_sum(p.detach() * g / batch for p, g in zip(ps, gs) if g is not None)
+        product = _filter_sum(module, (p.detach() * g / batch for p, g in zip(ps, gs) if g is not None))
         if isinstance(product, torch.Tensor):
             positions, owner, _ = recorder.index(slot, product.device)
             per_unit = torch.zeros_like(totals[f"tw:{slot.module}:{slot.role}"])

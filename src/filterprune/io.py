@@ -22,13 +22,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .surgery import SHAPE_ATTRIBUTES  # saved so the shrunk modules describe their new shapes
 from .utils import atomic_path, atomic_write, evaluating
 
-# Attributes that pruning changes; saved so the shrunk modules describe their new shapes.
-SHAPE_ATTRIBUTES = (
-    "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-    "num_channels", "num_groups", "normalized_shape", "num_parameters",
-)
 DEFAULT_TRUSTED = ("filterprune", "torchvision.models", "timm")
 FORMAT = 2
 # Builders renamed since files were written: old name -> new name.

@@ -12,11 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import criteria
 from .graph import ChannelGraph, GraphError, Group
-from .surgery import remove_units
+from .surgery import SHAPE_ATTRIBUTES, remove_units
 from .utils import dropped_indices, evaluating, preserved_state
 
-_SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "num_channels",
-               "num_groups", "num_parameters")
 NORMALIZE = ("l2", "none", "mean", "macs")
 
 
@@ -391,7 +389,7 @@ def _layer_name(slot_module: str) -> str:
 
 def _backup(model: nn.Module) -> dict:
     """References to every module's tensors and sizes; surgery swaps tensors, never edits them."""
-    return {name: (dict(m._parameters), dict(m._buffers), {a: getattr(m, a) for a in _SIZE_ATTRS if hasattr(m, a)})
+    return {name: (dict(m._parameters), dict(m._buffers), {a: getattr(m, a) for a in SHAPE_ATTRIBUTES if a in vars(m)})
             for name, m in model.named_modules()}
 
 

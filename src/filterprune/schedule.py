@@ -61,7 +61,8 @@ class Schedule:
     flops_lambda: float = 0.0
     latency_aware: bool = False
     latency_batch: int = 1
-    round_to: int = 1
+    round_to: int | str = "auto"
+    normalize: str = "macs"
     min_channels: int | dict = 1
     rank_batches: int | None = None
     seed: int = 0
@@ -145,7 +146,7 @@ def prune_iteratively(
             break
         train_loss = tune(model, schedule.epochs, f"iteration {iteration}")
         entry = {**measured(model), "iteration": iteration, "removed": result.count, "removed_per_group": result.removed_per_group,
-                 "channels": result.channels, "train_loss": train_loss}
+                 "channels": result.channels, "check": result.check, "train_loss": train_loss}
         log["iterations"].append(entry)
         log_fn(_line(entry, log["baseline"], schedule))
         if _lost_too_much(schedule, log["baseline"], entry):
@@ -249,7 +250,7 @@ def _to(inputs, device: str):
 # Options that change what a run computes: a resumed run must use the same ones (targets and the
 # number of iterations may change).
 _SAME_ON_RESUME = ("criterion", "step", "epochs", "lr", "optimizer", "weight_decay", "distill", "temperature", "amp", "channels_last",
-                   "flops_lambda", "latency_aware", "latency_batch", "round_to", "min_channels", "rank_batches", "seed")
+                   "flops_lambda", "latency_aware", "latency_batch", "round_to", "normalize", "min_channels", "rank_batches", "seed")
 
 
 def check_reachable(model: nn.Module, example_inputs, schedule: Schedule, ignore: Iterable[str] = ()) -> dict[str, float]:
@@ -267,7 +268,7 @@ def check_reachable(model: nn.Module, example_inputs, schedule: Schedule, ignore
     pruner.prune(pruner.prunable())
     after = profile(trial, example_inputs, latency=False)
     least = schedule.min_channels if isinstance(schedule.min_channels, int) else min(schedule.min_channels.values(), default=1)
-    least = -(-max(least, 1) // schedule.round_to) * schedule.round_to
+    least = -(-max(least, 1) // pruner.round_to) * pruner.round_to
     best = {"macs": before.macs / max(after.macs, 1), "size": before.size_mb / after.size_mb}
     for target, key, what, flag in ((schedule.target_macs, "macs", "MACs", "--target-macs"),
                                     (schedule.target_size, "size", "size on disk", "--target-size")):
@@ -290,8 +291,8 @@ def _modules(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
 
 def _pruner(model: nn.Module, example_inputs, schedule: Schedule, ignore: Iterable[str]) -> Pruner:
     return Pruner(model, example_inputs, criterion=schedule.criterion, ignore=_modules(model, ignore),
-                  min_channels=schedule.min_channels, round_to=schedule.round_to, flops_lambda=schedule.flops_lambda,
-                  seed=schedule.seed)
+                  min_channels=schedule.min_channels, round_to=schedule.round_to, normalize=schedule.normalize,
+                  flops_lambda=schedule.flops_lambda, seed=schedule.seed)
 
 
 def _target_reached(schedule: Schedule, base: dict, last: dict | None, iteration: int) -> str | None:

@@ -16,6 +16,13 @@ from .graph import ChannelGraph
 from .utils import dropped_indices
 
 
+# The module attributes surgery changes (io saves them; the pruner restores them on undo).
+SHAPE_ATTRIBUTES = (
+    "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+    "num_channels", "num_groups", "normalized_shape", "num_parameters",
+)
+
+
 def _sliced(tensor: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
     if isinstance(tensor, nn.Parameter):

@@ -5,6 +5,7 @@ export -> predict with a tiny vgg16_layout (--width 0.03); every kind of bad inp
 line on stderr (exit 2), or a warning for a few bad images, and never overwrites earlier results.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -431,13 +432,16 @@ def test_full_disk_while_writing_the_report_keeps_the_previous_results(folders, 
     shutil.copytree(pruned, out)
     before = snapshot(out)
     assert {"pruned.safetensors", "report.json", "report.md"} <= before.keys()
-    real = report._write
+    real = report.atomic_path
 
-    def full(f):
-        f.write(b"\x89PNG half a fi")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    @contextlib.contextmanager
+    def full(path):  # the disk fills up half-way through the first file of the report
+        with real(path) as tmp:
+            tmp.write_bytes(b"\x89PNG half a fi")
+            raise OSError(errno.ENOSPC, "No space left on device")
+            yield tmp
 
-    monkeypatch.setattr(report, "_write", lambda path, write: real(path, full))
+    monkeypatch.setattr(report, "atomic_path", full)
     # another seed and step than the previous run: the new results would differ from the old
     code, _, err = run(capsys, "prune", "--data", folders["with_test"], "--model", trained, *FAST, *PRUNE, "--seed", "1",
                        "--step", "0.3", "--out", out)

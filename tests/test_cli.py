@@ -572,8 +572,9 @@ def test_distillation_and_speed_flags_reach_the_schedule():
     schedule = cli._schedule(args)
     assert (schedule.distill, schedule.temperature, schedule.amp, schedule.channels_last) == (0.7, 2.0, True, True)
     assert cli._schedule(parse(["prune", "--data", "d"])).distill == Schedule().distill  # off unless asked
-    schedule = cli._schedule(parse(["prune", "--data", "d", "--round-to", "8", "--normalize", "l2", "--latency-batch", "64"]))
-    assert (schedule.round_to, schedule.normalize, schedule.latency_batch) == (8, "l2", 64)
+    schedule = cli._schedule(parse(["prune", "--data", "d", "--round-to", "8", "--normalize", "l2", "--latency-batch", "64",
+                                    "--macs-step", "1.5"]))
+    assert (schedule.round_to, schedule.normalize, schedule.latency_batch, schedule.macs_step) == (8, "l2", 64, 1.5)
     assert cli._schedule(parse(["prune", "--data", "d"])).round_to == "auto"
 
 

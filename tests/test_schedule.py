@@ -442,6 +442,15 @@ def test_stops_at_the_first_iteration_that_meets_the_target(target, what, latenc
     assert len(reached) >= 2 and max(reached[:-1]) < 1.3  # not before
 
 
+def test_macs_step_cuts_macs_geometrically_each_iteration(latency_from_macs):
+    """macs_step=1.4: after iteration i, MACs are at most the baseline's / 1.4**i (and not far below)."""
+    model, log = run(Schedule(criterion="l1", macs_step=1.4, epochs=0, max_iterations=2))
+    reached = [log["baseline"]["macs"] / e["macs"] for e in log["iterations"]]
+    assert len(reached) == 2
+    for i, factor in enumerate(reached, start=1):
+        assert 1.4 ** i <= factor < 1.4 ** i * 1.5, reached
+
+
 def test_final_epochs_train_the_pruned_model_and_are_logged(latency_from_macs):
     schedule = Schedule(criterion="l1", step=2, epochs=1, max_iterations=1, lr=0.05)
     without, log0 = run(schedule)

@@ -97,7 +97,7 @@ def _submodule(model: nn.Module, name: str | None) -> nn.Module:
 
 def _schedule(args) -> Schedule:
     """The prune command's options as a Schedule."""
-    return Schedule(criterion=args.criterion, step=args.step, epochs=args.epochs_between, final_epochs=args.final_epochs,
+    return Schedule(criterion=args.criterion, step=args.step, macs_step=args.macs_step, epochs=args.epochs_between, final_epochs=args.final_epochs,
                     max_iterations=args.iterations, target_macs=args.target_macs, target_speedup=args.target_speedup,
                     target_size=args.target_size, max_accuracy_drop=args.max_drop, lr=args.lr, optimizer=args.optimizer,
                     distill=args.distill, temperature=args.temperature, amp=args.amp, channels_last=args.channels_last,

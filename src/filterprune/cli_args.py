@@ -61,6 +61,8 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/prune")
     p.add_argument("--criterion", default="taylor", choices=CRITERIA)
     p.add_argument("--step", type=float, default=512, help="channels per iteration: a count, or a fraction (<1) of the original channels")
+    p.add_argument("--macs-step", type=float,
+                   help="instead of --step: each iteration cuts MACs by this factor (e.g. 1.5), rounding included")
     p.add_argument("--epochs-between", type=int, default=10)
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--final-epochs", type=int, default=0)

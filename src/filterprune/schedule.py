@@ -31,7 +31,9 @@ class Schedule:
     """How to prune: step size, fine-tuning between steps, and when to stop.
 
     step: units removed per iteration, a count (>= 1) or a fraction of the original units (the
-    blog: 512 of VGG16's 4224 filters, 0.12). Stops at the first target met: target_macs (MACs
+    blog: 512 of VGG16's 4224 filters, 0.12); or, with macs_step, each iteration removes the
+    lowest-ranked units until MACs are macs_step times fewer than after the previous one (the
+    baseline's / macs_step**i, whatever the rounding did before). Stops at the first target met: target_macs (MACs
     reduction factor), target_speedup (measured latency at batch latency_batch), target_size
     (size on disk reduction), max_iterations, or max_accuracy_drop (percentage points of `metric`,
     a higher-is-better fraction from the evaluation: the last model within it is kept).
@@ -43,6 +45,7 @@ class Schedule:
 
     criterion: str = "taylor"
     step: float = 0.12
+    macs_step: float | None = None
     epochs: int = 10
     final_epochs: int = 0
     max_iterations: int | None = 5
@@ -136,11 +139,14 @@ def prune_iteratively(
     log.setdefault("original_units", sum(g.size for g in pruner.groups))
     log.setdefault("channels_before", {g.name: g.size for g in pruner.groups})
     step = int(schedule.step if schedule.step >= 1 else round(schedule.step * log["original_units"]))
+    if schedule.macs_step:  # MACs of iteration i: the baseline's / macs_step**i (also right after a resume)
+        step = lambda i: pruner.macs_at_start * schedule.macs_step ** i / log["baseline"]["macs"]  # noqa: E731
     while not (stop := _target_reached(schedule, log["baseline"], log["iterations"][-1] if log["iterations"] else None, iteration)):
         iteration += 1
         _seed(schedule, iteration, (train_loader, rank_loader))
         previous = copy.deepcopy(model) if schedule.max_accuracy_drop is not None else None
-        result = _prune_step(pruner, schedule, rank_loader or train_loader, loss_fn, ctx, device, progress, step)
+        result = _prune_step(pruner, schedule, rank_loader or train_loader, loss_fn, ctx, device, progress,
+                             step(iteration) if callable(step) else step)
         if result.count == 0:
             stop = "nothing left to remove within the per-layer minimums"
             break
@@ -211,13 +217,15 @@ class _Tuner:
         return self.ctx.mean(history[-1]["loss"])  # the mean over all processes' (equal) shards
 
 
-def _prune_step(pruner: Pruner, schedule: Schedule, loader, loss_fn, ctx: Context, device: str, progress: bool, step: int):
-    """Rank (data criteria only: the others need no data) with the measured cost if asked, and remove `step` units."""
+def _prune_step(pruner: Pruner, schedule: Schedule, loader, loss_fn, ctx: Context, device: str, progress: bool,
+                step: int | float):
+    """Rank with the measured cost if asked, and remove `step` units (an int), or units until MACs
+    are `step` times fewer than at the pruner's start (a float, with schedule.macs_step)."""
     if schedule.latency_aware and schedule.flops_lambda:
         cost = ctx.on_main(lambda: measured_unit_cost(pruner, schedule.latency_batch, device))
         pruner.unit_cost = lambda _p: cost
     pruner.rank(loader, loss_fn, device=device, max_batches=schedule.rank_batches, progress=progress, reduce=ctx.reduce)
-    return pruner.prune(step)
+    return pruner.prune(macs=step) if schedule.macs_step else pruner.prune(step)
 
 
 def _measure(model: nn.Module, example, evaluation: dict, schedule: Schedule, device: str) -> dict:
@@ -249,7 +257,7 @@ def _to(inputs, device: str):
 
 # Options that change what a run computes: a resumed run must use the same ones (targets and the
 # number of iterations may change).
-_SAME_ON_RESUME = ("criterion", "step", "epochs", "lr", "optimizer", "weight_decay", "distill", "temperature", "amp", "channels_last",
+_SAME_ON_RESUME = ("criterion", "step", "macs_step", "epochs", "lr", "optimizer", "weight_decay", "distill", "temperature", "amp", "channels_last",
                    "flops_lambda", "latency_aware", "latency_batch", "round_to", "normalize", "min_channels", "rank_batches", "seed")
 
 

@@ -144,15 +144,6 @@ def test_on_a_gpu_the_headline_is_batch_64_and_batch_1_is_marked_launch_bound(tm
     assert "| latency, batch 1 (ms) | 4.00 | 4.10 | 4.20 | no measurable change |" in md
 
 
-def test_the_old_blog_form_is_still_read(tmp_path):
-    report = synthetic()
-    del report["reference"]
-    report["blog"] = {"accuracy": [0.987, 0.975], "size_mb": [538.0, 150.0], "latency_ms_b1": [780.0, 277.0]}
-    md = write_report(report, tmp_path)["markdown"].read_text()
-    assert "| size on disk (MB) | 8.00 | 8.00 | 2.50 | 3.2x smaller | 538 | 150 | 3.6x smaller |" in md
-    assert "| 94.15% | 95.00% | 93.55% | -0.60 points | 98.70% | 97.50% | -1.20 points |" in md
-
-
 def test_full_disk_names_the_file_and_keeps_the_old_report(tmp_path, monkeypatch):
     paths = write_report(synthetic(), tmp_path)
     old = {name: path.read_bytes() for name, path in paths.items()}

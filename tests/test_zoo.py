@@ -52,7 +52,7 @@ def _head(model: nn.Module) -> str:
 
 # One model per kind of block: BatchNormAct2d + squeeze-excite, RegNet's grouped convs + SE, DLA's
 # aggregation trees, VoVNet's one-shot aggregation, RepVGG's branches, LCNet.
-ZOO = ["efficientnet_b0", "regnety_002", "dla34", "ese_vovnet19b_dw", "repvgg_a0", "lcnet_050"]
+ZOO = ["efficientnet_b0", "tf_efficientnet_b0", "regnety_002", "dla34", "ese_vovnet19b_dw", "repvgg_a0", "lcnet_050"]
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -201,6 +201,7 @@ def cmd_prune(args) -> int:
                                                                                    "accuracy": log["final"]["accuracy"]})
         report = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "baseline": log["baseline"], "pruned": log["final"],
                   "channels_before": log["channels_before"], "iterations": log["iterations"], "stopped": log["stopped"],
+                  "skipped": log["skipped"],
                   "wall_s": round(time.perf_counter() - start, 1)}
         try:
             paths = write_report(report, out)

@@ -89,18 +89,6 @@ def _final_channels(report: dict) -> dict:
     return kept[-1]["channels"] if kept else report.get("channels_before", {})
 
 
-def _reference(report: dict) -> dict | None:
-    """report["reference"]; the old report["blog"] form ({key: (before, after)}) is read into it."""
-    if "reference" in report:
-        return report["reference"]
-    if old := report.get("blog"):  # remove once the demo recipe passes "reference"
-        accuracy = "accuracy_800" if "accuracy_800" in report["baseline"] else "accuracy"
-        rename = {"accuracy": accuracy}
-        return {"label": "blog", "note": "", "before": {rename.get(k, k): v[0] for k, v in old.items()},
-                "after": {rename.get(k, k): v[1] for k, v in old.items()}}
-    return None
-
-
 def _rows(report: dict) -> list[tuple[str, str, str]]:
     """(key, label, kind) for every row the summaries have: accuracies, then size, params, MACs, then latencies."""
     base, pruned, task = report["baseline"], report["pruned"], report.get("task", {})
@@ -121,7 +109,7 @@ def _cells(kind: str, key: str, before: dict, after: dict) -> str:
 def headline_table(report: dict) -> str:
     """Baseline, control, pruned and a reference (published figures) side by side, as a markdown table
     and a note on how latency was measured."""
-    base, pruned, control, ref = report["baseline"], report["pruned"], report.get("control"), _reference(report)
+    base, pruned, control, ref = report["baseline"], report["pruned"], report.get("control"), report.get("reference")
     header = ["", "baseline", *([f"control (+{control.get('extra_epochs', '?')} epochs)"] if control else []),
               "pruned", "pruned vs baseline", *([f"{ref['label']} before", f"{ref['label']} after", f"{ref['label']} change"] if ref else [])]
     rows = []
@@ -165,7 +153,7 @@ def _summary(report: dict) -> str:
         text += (f" and {_value('acc', control['accuracy'])} for the control, the unpruned network fine-tuned for the same "
                  f"{control.get('extra_epochs', '?')} extra epochs ({_change('acc', control['accuracy'], pruned['accuracy'])})")
     text += "."
-    if ref := _reference(report):
+    if ref := report.get("reference"):
         pairs = [f"{label} {_value(kind, ref['before'][key])} -> {_value(kind, ref['after'][key])}"
                  for key, label, kind in _rows({"baseline": ref["before"], "pruned": ref["after"], "labels": report.get("labels", {})})
                  if key in ref["before"] and key in ref["after"]]

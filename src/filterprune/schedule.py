@@ -138,6 +138,7 @@ def prune_iteratively(
     pruner = _pruner(model, example_inputs, schedule, ignore)
     log.setdefault("original_units", sum(g.size for g in pruner.groups))
     log.setdefault("channels_before", {g.name: g.size for g in pruner.groups})
+    log.setdefault("skipped", pruner.skipped)  # ops left out of pruning, and why: for the report
     step = int(schedule.step if schedule.step >= 1 else round(schedule.step * log["original_units"]))
     if schedule.macs_step:  # MACs of iteration i: the baseline's / macs_step**i (also right after a resume)
         step = lambda i: pruner.macs_at_start * schedule.macs_step ** i / log["baseline"]["macs"]  # noqa: E731

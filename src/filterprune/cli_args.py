@@ -74,9 +74,9 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-aware", action="store_true", help="regularise by measured latency per channel instead of MACs")
     p.add_argument("--round-to", type=_round_to, default="auto",
                    help="keep channel counts at multiples of this (default auto: 8 on CUDA, 1 on the CPU)")
-    p.add_argument("--normalize", default="macs", choices=NORMALIZE,
-                   help="how scores of different layers are made comparable (default macs: score per MAC a channel costs; "
-                        "l2: the paper's per-layer L2 norm)")
+    p.add_argument("--normalize", default="mean", choices=NORMALIZE,
+                   help="how scores of different layers are made comparable (default mean: each layer's scores divided by "
+                        "their mean, size-neutral; l2: the paper's per-layer L2 norm; macs: mean, then per MAC a channel costs)")
     p.add_argument("--latency-batch", type=int, default=1, help="batch size of the measured latency (targets, --latency-aware)")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--rank-batches", type=int, help="rank on at most this many batches")

@@ -44,9 +44,10 @@ class Pruner:
     outputs are never pruned (the classifier, typically; the model's outputs are never pruned
     anyway). min_channels: the fewest channels a group may keep, an int or {group name: int}; at
     least 1. round_to: keep channel counts at multiples of this; "auto" is 8 for a model on CUDA
-    (tensor-core kernels want multiples of 8) and 1 on the CPU (measured: no gain there).
+    (tensor-core kernels want multiples of 8) and 1 on the CPU (timings here could not tell 1 and 8 apart).
     normalize: how scores of different groups are made comparable before global ranking:
-    "l2" (per group, 1611.06440 eq. 9), "mean" (divide by the group's mean: size-neutral), "macs"
+    "mean" (the default: divide by the group's mean, size-neutral), "l2" (per group, 1611.06440 eq. 9:
+    scales by about 1/sqrt(width), so wide cheap layers go first), "macs"
     ("mean", then per MAC a unit costs: cost-aware), "none"; True and False mean "l2" and "none".
     flops_lambda: subtract lambda * (MMACs a unit costs) from its score (the paper uses 1e-3).
     scope: "global" ranks all groups together, "layer" removes the same share from every group.
@@ -64,7 +65,7 @@ class Pruner:
         ignore: Iterable[nn.Module] = (),
         min_channels: int | dict[str, int] = 1,
         round_to: int | str = "auto",
-        normalize: str | bool = "macs",
+        normalize: str | bool = "mean",
         flops_lambda: float = 0.0,
         scope: str = "global",
         combine: str = "mean",

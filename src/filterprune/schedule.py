@@ -65,7 +65,7 @@ class Schedule:
     latency_aware: bool = False
     latency_batch: int = 1
     round_to: int | str = "auto"
-    normalize: str = "macs"
+    normalize: str = "mean"
     min_channels: int | dict = 1
     rank_batches: int | None = None
     seed: int = 0

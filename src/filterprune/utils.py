@@ -50,31 +50,28 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+def _in_mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def evaluating(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Put every module of `model` in eval mode; afterwards give each its own mode back.
 
     model.train(was_training) would not do: a user who froze some BatchNorms in eval mode
     inside a training model would find them switched back to training.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    return _in_mode(model, False)
 
 
-@contextlib.contextmanager
-def training(model: nn.Module) -> Iterator[nn.Module]:
+def training(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Like `evaluating`, in train mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train()
-    try:
-        yield model
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    return _in_mode(model, True)
 
 
 @contextlib.contextmanager

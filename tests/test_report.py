@@ -160,3 +160,14 @@ def test_full_disk_names_the_file_and_keeps_the_old_report(tmp_path, monkeypatch
     assert "free some disk space" in str(info.value)
     assert {name: path.read_bytes() for name, path in paths.items()} == old  # the previous report, untouched
     assert sorted(tmp_path.iterdir()) == sorted(paths.values())  # and no temp files left behind
+
+
+def test_iterations_table_uses_the_loops_own_evaluation_data(tmp_path):
+    """The loop evaluated on validation images: its table must not mix in the headline's test accuracy."""
+    report = synthetic()
+    report["loop"] = {"baseline": {**report["baseline"], "accuracy": 0.8123},
+                      "final": {**report["pruned"], "accuracy": 0.7987}, "evaluated_on": "1000 validation images"}
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    table = md[md.index("## Iterations"):]
+    assert "accuracy (1000 validation images)" in table
+    assert "| 0 (baseline) |  | 81.23% |" in table and "79.87%" in table

@@ -11,7 +11,9 @@ Keys read from the report dict, besides baseline/pruned/control summaries and it
   iterations[i]["check"]: "exact" | "forward-only", which check verified that removal;
   labels: {summary key: row label}, e.g. {"accuracy_800": "accuracy, 800 test images"};
   reference: {"label": str, "note": str, "before": {summary key: value}, "after": {...}},
-    published figures shown beside ours (their keys are ours: "accuracy_800", "latency_ms_b1"...).
+    published figures shown beside ours (their keys are ours: "accuracy_800", "latency_ms_b1"...);
+  loop: {"baseline": {...}, "final": {...}, "evaluated_on": str}: the loop's own measurements,
+    for the iterations table, when the loop evaluated on other data than the headline.
 """
 
 from __future__ import annotations
@@ -185,12 +187,16 @@ def _targets(report: dict) -> list[str]:
 
 
 def _iteration_rows(report: dict) -> tuple[list[str], list[list]]:
-    base, iterations, pruned = report["baseline"], report.get("iterations", []), report["pruned"]
+    # The loop's own measurements where given (report["loop"]: its baseline and final, and the data
+    # it evaluated on), so that every accuracy in this table comes from the same images.
+    loop = report.get("loop", {})
+    base, iterations, pruned = loop.get("baseline", report["baseline"]), report.get("iterations", []), loop.get("final", report["pruned"])
     batches = _batches(*iterations) or _batches(base)
     batch = _headline_batch(base) if _headline_batch(base) in batches else (batches[0] if batches else None)
     key = f"latency_ms_b{batch}"
     checks = any("check" in it for it in iterations)
-    header = ["iteration", "channels removed", "accuracy", "MACs reduction", "size (MB)", f"latency b{batch} (ms)",
+    accuracy = f"accuracy ({loop['evaluated_on']})" if "evaluated_on" in loop else "accuracy"
+    header = ["iteration", "channels removed", accuracy, "MACs reduction", "size (MB)", f"latency b{batch} (ms)",
               "speed vs baseline", *(["verified by"] if checks else [])]
 
     def row(name, removed, summary, check=""):

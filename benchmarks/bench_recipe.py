@@ -24,7 +24,7 @@ import torch
 
 import filterprune as fp
 from filterprune.data import make_loader
-from filterprune.recipes.demo import DemoConfig, default_cache, pair_data, transferred_path
+from filterprune.recipes.demo import DemoConfig, cached_transferred, pair_data
 from filterprune.train import evaluate, fine_tune
 
 
@@ -41,10 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     config = DemoConfig()
-    path = transferred_path(config, default_cache())
-    if not path.exists():
-        raise SystemExit(f"{path} not found: run `filterprune demo` first")
-    base = fp.load(path)
+    base = cached_transferred(config)
     sets = pair_data(config)
     rank_loader = make_loader(sets["ranking"], 100, shuffle=False)
     val_loader = make_loader(sets["val"], 500, shuffle=False)

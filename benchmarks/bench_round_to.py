@@ -14,7 +14,7 @@ import copy
 import torch
 
 import filterprune as fp
-from filterprune.recipes.demo import DemoConfig, default_cache, transferred_path
+from filterprune.recipes.demo import cached_transferred
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    base = fp.load(transferred_path(DemoConfig(), default_cache()))
+    base = cached_transferred()
     x = torch.randn(1, 3, 32, 32)
     models = {"unpruned": base}
     for r in args.round_to:

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from filterprune import Pruner, io, profile
+from filterprune import Pruner, profile
 from filterprune.criteria import DATA_CRITERIA
 from filterprune.data import make_loader
-from filterprune.recipes.demo import DemoConfig, default_cache, pair_data, transferred_path
+from filterprune.recipes.demo import DemoConfig, cached_transferred, pair_data
 from filterprune.train import evaluate, fine_tune
 
 METHODS = ("filterprune taylor", "filterprune l1", "Torch-Pruning taylor", "Torch-Pruning magnitude (L1)")
@@ -163,10 +163,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = DemoConfig()
-    path = transferred_path(config, default_cache())
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: run `filterprune demo` first")
-    base = io.load(path)
+    base = cached_transferred(config)
     sets = pair_data(config)
     example = sets["test"][0][0].unsqueeze(0)
     budget = (f"budget per method: {args.steps} steps to {args.macs}x fewer MACs, {args.epochs} epochs after each and "

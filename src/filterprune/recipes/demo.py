@@ -95,6 +95,14 @@ def transferred_path(config: DemoConfig, cache: Path) -> Path:
     return cache / f"transferred-{_key(config)}.safetensors"
 
 
+def cached_transferred(config: DemoConfig | None = None) -> nn.Module:
+    """The demo's transferred network from the cache, for studies and benchmarks that start from it."""
+    path = transferred_path(config or DemoConfig(), default_cache())
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run `filterprune demo` first")
+    return io.load(path)
+
+
 def pair_data(config: DemoConfig) -> dict[str, FashionSubset]:
     """The transfer task's images: train (augmented), ranking (the same, plain), val (training-split
     images never trained on, for the loop's evaluations), test (all 2000), test_blog (400 + 400 of

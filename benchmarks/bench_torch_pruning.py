@@ -7,7 +7,8 @@
 Four methods, each iterative in the same number of steps: step i prunes until the model has
 base / macs^(i/steps) MACs (measured the same way for all, filterprune.profile), then fine-tunes.
 
-- filterprune taylor / l1: Pruner with its defaults (global ranking, per-layer L2 normalisation);
+- filterprune taylor / l1: Pruner with its defaults (global ranking, "mean" normalisation), pruned
+  with prune(macs=...);
   taylor ranks on the 2000 training images without augmentation, as the demo does.
 - Torch-Pruning TaylorImportance (|w * dL/dw| per channel, Molchanov 2019) with gradients summed
   over the same 2000 images, and MagnitudeImportance(p=1); both with global_pruning=True and
@@ -46,38 +47,12 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     return profile(model, example, latency=False).macs
 
 
-def _macs_without(pruner: Pruner, remove: torch.Tensor) -> float:
-    """MACs of the conv and Linear layers once `remove` units are gone: each layer's MACs scale
-    with the share of its inputs and the share of its outputs that stay."""
-    kept = {}
-    for slot in pruner.graph.slots:
-        if slot.role in ("in", "out"):
-            owned = slot.owner >= 0
-            gone = torch.zeros(len(slot.owner), dtype=torch.bool)
-            gone[owned] = remove[slot.owner[owned]]
-            kept[slot.module, slot.role] = (1 - gone.double().mean().item(), slot)
-    return sum(slot.macs_per_index * len(slot.owner) * share * kept.get((module, "in"), (1.0,))[0]
-               for (module, role), (share, slot) in kept.items() if role == "out")
-
-
-def _units_for(pruner: Pruner, target: float) -> int:
-    """The fewest units prune(n) must remove to bring the MACs to `target` (binary search on n).
-    Pruner.select(n) is what prune(n) removes, per-layer minimums included."""
-    scores = pruner.scores()
-    low, high = 1, pruner.graph.num_units
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if _macs_without(pruner, pruner.select(mid, scores)) <= target else (mid + 1, high)
-    return low
-
-
 def filterprune_to(model: nn.Module, example: torch.Tensor, criterion: str, target: float, rank_loader) -> None:
-    """Prune `model` in place with filterprune until it has at most `target` MACs."""
+    """Prune `model` in place with filterprune until it has at most `target` MACs (Pruner.prune(macs=...))."""
     pruner = Pruner(model, example, criterion=criterion, ignore=[model.classifier[6]])
-    while count_macs(model, example) > target:  # once, unless per-layer minimums got in the way
-        if criterion in DATA_CRITERIA:  # channels changed since the last ranking
-            pruner.rank(rank_loader, F.cross_entropy, progress=False)
-        pruner.prune(_units_for(pruner, target))
+    if criterion in DATA_CRITERIA:  # channels changed since the last ranking
+        pruner.rank(rank_loader, F.cross_entropy, progress=False)
+    pruner.prune(macs=pruner.macs_at_start / target)
 
 
 def torch_pruning_to(model: nn.Module, example: torch.Tensor, kind: str, target: float, rank_loader) -> None:

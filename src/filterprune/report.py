@@ -12,8 +12,9 @@ Keys read from the report dict, besides baseline/pruned/control summaries and it
   labels: {summary key: row label}, e.g. {"accuracy_800": "accuracy, 800 test images"};
   reference: {"label": str, "note": str, "before": {summary key: value}, "after": {...}},
     published figures shown beside ours (their keys are ours: "accuracy_800", "latency_ms_b1"...);
-  loop: {"baseline": {...}, "final": {...}, "evaluated_on": str}: the loop's own measurements,
-    for the iterations table, when the loop evaluated on other data than the headline.
+  loop: {"baseline": {...}, "final": {...}, "evaluated_on": str, "control_accuracy": float}: the
+    loop's own measurements, for the iterations table and plot, when the loop evaluated on other
+    data than the headline.
 """
 
 from __future__ import annotations
@@ -234,7 +235,10 @@ def _markdown(report: dict, plots: dict[str, Path]) -> str:
 
 
 def _plot_accuracy(report: dict) -> Figure:
-    base, pruned, control, its = report["baseline"], report["pruned"], report.get("control"), report.get("iterations", [])
+    # All on the data the loop evaluated on (report["loop"]), so the curve never mixes two image sets.
+    loop, control, its = report.get("loop", {}), report.get("control"), report.get("iterations", [])
+    base, pruned = loop.get("baseline", report["baseline"]), loop.get("final", report["pruned"])
+    control_accuracy = loop.get("control_accuracy", control["accuracy"]) if control else None
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
     xs, ys = [base["macs"] / 1e6] + [it["macs"] / 1e6 for it in its], [100 * base["accuracy"]] + [100 * it["accuracy"] for it in its]
@@ -244,9 +248,10 @@ def _plot_accuracy(report: dict) -> Figure:
                     xytext=(4, 6), fontsize=8)
     ax.plot(xs[0], ys[0], "s", color=COLORS["baseline"], markersize=9, label="baseline")
     ax.plot(pruned["macs"] / 1e6, 100 * pruned["accuracy"], "*", color=COLORS["pruned"], markersize=15, label="pruned, after the final fine-tune")
-    if control:
-        ax.axhline(100 * control["accuracy"], color=COLORS["control"], linestyle="--", label=f"control (unpruned, +{control.get('extra_epochs', '?')} epochs)")
-    ax.set(xlabel="MACs per image (millions)", ylabel="test accuracy (%)", title="Accuracy vs compute over pruning iterations")
+    if control_accuracy is not None:
+        ax.axhline(100 * control_accuracy, color=COLORS["control"], linestyle="--", label=f"control (unpruned, +{control.get('extra_epochs', '?')} epochs)")
+    ax.set(xlabel="MACs per image (millions)", ylabel=f"accuracy on {loop.get('evaluated_on', 'the test images')} (%)",
+           title="Accuracy vs compute over pruning iterations")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8)
     return fig

@@ -238,7 +238,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Pat
         "pruned": pruned_summary,
         "channels_before": run_log["channels_before"],
         "iterations": run_log["iterations"],
-        "loop": {"baseline": run_log["baseline"], "final": run_log["final"],
+        "loop": {"baseline": run_log["baseline"], "final": run_log["final"], "control_accuracy": control_summary["val_accuracy"],
                  "evaluated_on": f"{len(sets['val'])} validation images"},
         "stopped": run_log["stopped"],
         "skipped": run_log["skipped"],

@@ -193,8 +193,14 @@ def test_verification_undoes_a_wrong_removal(monkeypatch, bad_surgery, message):
 def test_without_verification_the_wrong_removal_goes_through(monkeypatch):
     # The check above is what catches the bug: without it, the corrupted model is kept.
     model, pruner = make(verify=False)
+    right, right_pruner = make(verify=False)
     monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
     assert pruner.prune(10).count == 10
+    monkeypatch.setattr(pruner_module, "remove_units", real_remove_units)
+    right_pruner.prune(10)  # the same removal, cut correctly
+    assert model.c.weight.shape == right.c.weight.shape
+    assert torch.allclose(model.c.weight, 1.5 * right.c.weight)  # the corruption survived
+    assert not torch.allclose(model(X), right(X))
 
 
 # ---- the pruned model is an ordinary model -------------------------------------------------------------

@@ -140,14 +140,15 @@ def prune_iteratively(
     log.setdefault("channels_before", {g.name: g.size for g in pruner.groups})
     log.setdefault("skipped", pruner.skipped)  # ops left out of pruning, and why: for the report
     step = int(schedule.step if schedule.step >= 1 else round(schedule.step * log["original_units"]))
-    if schedule.macs_step:  # MACs of iteration i: the baseline's / macs_step**i (also right after a resume)
-        step = lambda i: pruner.macs_at_start * schedule.macs_step ** i / log["baseline"]["macs"]  # noqa: E731
     while not (stop := _target_reached(schedule, log["baseline"], log["iterations"][-1] if log["iterations"] else None, iteration)):
         iteration += 1
         _seed(schedule, iteration, (train_loader, rank_loader))
         previous = copy.deepcopy(model) if schedule.max_accuracy_drop is not None else None
-        result = _prune_step(pruner, schedule, rank_loader or train_loader, loss_fn, ctx, device, progress,
-                             step(iteration) if callable(step) else step)
+        # With macs_step, iteration i ends at the baseline's MACs / macs_step**i (right after a resume too:
+        # the pruner counts from the resumed model).
+        target = ({"macs": pruner.macs_at_start * schedule.macs_step ** iteration / log["baseline"]["macs"]}
+                  if schedule.macs_step else {"n": step})
+        result = _prune_step(pruner, schedule, rank_loader or train_loader, loss_fn, ctx, device, progress, target)
         if result.count == 0:
             stop = "nothing left to remove within the per-layer minimums"
             break
@@ -219,14 +220,13 @@ class _Tuner:
 
 
 def _prune_step(pruner: Pruner, schedule: Schedule, loader, loss_fn, ctx: Context, device: str, progress: bool,
-                step: int | float):
-    """Rank with the measured cost if asked, and remove `step` units (an int), or units until MACs
-    are `step` times fewer than at the pruner's start (a float, with schedule.macs_step)."""
+                target: dict):
+    """Rank with the measured cost if asked, and remove units: `target` is Pruner.prune's keyword."""
     if schedule.latency_aware and schedule.flops_lambda:
         cost = ctx.on_main(lambda: measured_unit_cost(pruner, schedule.latency_batch, device))
         pruner.unit_cost = lambda _p: cost
     pruner.rank(loader, loss_fn, device=device, max_batches=schedule.rank_batches, progress=progress, reduce=ctx.reduce)
-    return pruner.prune(macs=step) if schedule.macs_step else pruner.prune(step)
+    return pruner.prune(**target)
 
 
 def _measure(model: nn.Module, example, evaluation: dict, schedule: Schedule, device: str) -> dict:

@@ -404,12 +404,14 @@ def _len(loader) -> int | None:
         return None
 
 
-def normalize_per_group(scores: torch.Tensor, graph: ChannelGraph) -> torch.Tensor:
-    """Divide each group's scores by their L2 norm (1611.06440, eq. 9), so layers compare globally."""
+def normalize_per_group(scores: torch.Tensor, graph: ChannelGraph, how: str = "l2") -> torch.Tensor:
+    """Divide each group's scores by their L2 norm (1611.06440, eq. 9; `how="l2"`) or by their mean
+    absolute value (`how="mean"`: a group's width then does not change its scale), so groups compare globally."""
+    divisor = {"l2": lambda v: v.pow(2).sum().sqrt(), "mean": lambda v: v.abs().mean()}[how]
     out = scores.clone()
     for group in graph.groups:
         part = out[group.offset:group.offset + group.size]
-        norm = part[~part.isnan()].pow(2).sum().sqrt()
+        norm = divisor(part[~part.isnan()])
         if norm > 0:
             out[group.offset:group.offset + group.size] = part / norm
     return out

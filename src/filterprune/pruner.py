@@ -145,7 +145,7 @@ class Pruner:
         if self.normalize == "l2":
             scores = criteria.normalize_per_group(scores, self.graph)
         elif self.normalize in ("mean", "macs"):
-            scores = _divide_per_group(scores, self.graph)
+            scores = criteria.normalize_per_group(scores, self.graph, "mean")
         if self.normalize == "macs":  # per MAC a unit costs, relative to the average unit
             cost = self.graph.unit_cost()
             scores = scores / (cost / cost.mean()).clamp_min(1e-12)
@@ -371,17 +371,6 @@ def _full_precision() -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(matmul)
         torch.backends.cudnn.allow_tf32 = cudnn
-
-
-def _divide_per_group(scores: torch.Tensor, graph: ChannelGraph) -> torch.Tensor:
-    """Divide each group's scores by their mean, so that a group's width does not change its scale."""
-    out = scores.clone()
-    for group in graph.groups:
-        part = out[group.offset:group.offset + group.size]
-        mean = part[~part.isnan()].abs().mean()
-        if mean > 0:
-            out[group.offset:group.offset + group.size] = part / mean
-    return out
 
 
 def _layer_name(slot_module: str) -> str:

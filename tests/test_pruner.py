@@ -102,7 +102,9 @@ def test_round_to_keeps_multiples_of_8_or_leaves_the_group_alone(n):
     model, pruner = make(widths=tuple(before.values()), round_to=8)
     norms = {name: getattr(model, name).weight.detach().abs().sum((1, 2, 3)) for name in before}
     result = pruner.prune(n)
-    assert result.count <= n
+    # At least n (rounding allows removing 40 at most here), and no more than the next boundary:
+    # a group's count moves in steps of 8, its first step 4 (20 -> 16, 36 -> 32).
+    assert min(n, 40) <= result.count < n + 8
     for name, size in sizes(pruner).items():
         assert size % 8 == 0 or size == before[name], (name, size)
         # Rounding gives some units back: they must be the best of those selected, not the worst.
@@ -111,8 +113,6 @@ def test_round_to_keeps_multiples_of_8_or_leaves_the_group_alone(n):
         if gone.any():
             assert norms[name][gone].max() < norms[name][~gone].min(), name
     assert model(X).shape == (2, 5)
-    if n >= 30:
-        assert result.count > 0, "rounding must not stop a large prune altogether"
 
 
 def test_scope_layer_removes_the_same_share_of_every_group():

@@ -121,11 +121,13 @@ def _train_new(model: nn.Module, args, loader, device: str) -> None:
             p.requires_grad_(False)
         for p in head:
             p.requires_grad_(True)
-        fine_tune(model, loader, args.head_epochs, args.lr, args.optimizer, device=device, progress=not args.quiet, desc="head")
+        fine_tune(model, loader, args.head_epochs, args.lr, args.optimizer, device=device, progress=not args.quiet, desc="head",
+                  amp=args.amp, channels_last=args.channels_last)
         for p in model.parameters():
             p.requires_grad_(True)
     if args.epochs:
-        fine_tune(model, loader, args.epochs, args.lr, args.optimizer, device=device, progress=not args.quiet, desc="all layers")
+        fine_tune(model, loader, args.epochs, args.lr, args.optimizer, device=device, progress=not args.quiet, desc="all layers",
+                  amp=args.amp, channels_last=args.channels_last)
 
 
 def cmd_demo(args) -> int:

@@ -55,6 +55,8 @@ def _training_options(p: argparse.ArgumentParser, head_epochs: int, epochs: int)
     p.add_argument("--epochs", type=int, default=epochs, help="epochs training all layers before pruning")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--amp", action="store_true", help="bf16 autocast while training and fine-tuning")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format while training and fine-tuning")
 
 
 def _prune_options(p: argparse.ArgumentParser) -> None:
@@ -67,7 +69,7 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--final-epochs", type=int, default=0)
     p.add_argument("--target-macs", type=float, help="stop once MACs are this many times fewer")
-    p.add_argument("--target-speedup", type=float, help="stop once measured batch-1 latency is this many times lower")
+    p.add_argument("--target-speedup", type=float, help="stop once measured latency (at --latency-batch) is this many times lower")
     p.add_argument("--target-size", type=float, help="stop once the model is this many times smaller on disk")
     p.add_argument("--max-drop", type=float, help="stop before losing more than this many accuracy points")
     p.add_argument("--flops-lambda", type=float, default=0.0, help="FLOPs regularisation (paper: 1e-3)")
@@ -77,7 +79,8 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", default="mean", choices=NORMALIZE,
                    help="how scores of different layers are made comparable (default mean: each layer's scores divided by "
                         "their mean, size-neutral; l2: the paper's per-layer L2 norm; macs: mean, then per MAC a channel costs)")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the measured latency (targets, --latency-aware)")
+    p.add_argument("--latency-batch", type=int,
+                   help="batch size of the measured latency (targets, --latency-aware; default 64 on a GPU, 1 on the CPU)")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--rank-batches", type=int, help="rank on at most this many batches")
     p.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs are never pruned")
@@ -86,8 +89,6 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight of distillation from the unpruned model while fine-tuning (0: off; Hinton et al. 2015)")
     p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of --distill")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast while fine-tuning")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format while fine-tuning")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
 
 

@@ -195,8 +195,17 @@ def train_transform(size: int) -> v2.Transform:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                num_workers: int = 0, drop_last: bool = False) -> DataLoader:
-    """DataLoader whose shuffling (and workers' random augmentation seeds) follow `seed`."""
+                num_workers: int = 0, drop_last: bool = False, pin_memory: bool | None = None) -> DataLoader:
+    """DataLoader whose shuffling (and workers' random augmentation seeds) follow `seed`.
+
+    pin_memory (default: whether CUDA is available): page-locked batches, so that the copy to the
+    GPU (train.to_device, non_blocking) overlaps with the previous step's compute.
+    """
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, pin_memory=default_pin_memory(pin_memory))
+
+
+def default_pin_memory(pin_memory: bool | None = None) -> bool:
+    """pin_memory as asked, or (None) whether CUDA is available: pinning only pays for copies to a GPU."""
+    return torch.cuda.is_available() if pin_memory is None else pin_memory

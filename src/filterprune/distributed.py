@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .data import make_loader
+from .data import default_pin_memory, make_loader
 
 T = TypeVar("T")
 
@@ -109,7 +109,7 @@ class Context:
         sampler = (_Shuffled(dataset, self.world_size, self.rank, generator) if shuffle
                    else _Strided(len(dataset), self.world_size, self.rank))
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
-                          generator=generator, persistent_workers=num_workers > 0)
+                          generator=generator, persistent_workers=num_workers > 0, pin_memory=default_pin_memory())
 
     def teardown(self) -> None:
         """Leave the process group (if this process joined one)."""

@@ -84,6 +84,11 @@ def default_batch_sizes(device: str | torch.device) -> tuple[int, ...]:
     return (1, GPU_BATCH) if str(device).startswith("cuda") else (1,)
 
 
+def deployment_batch(device: str | torch.device) -> int:
+    """The batch latency is judged at by default: GPU_BATCH on a GPU, 1 elsewhere."""
+    return GPU_BATCH if str(device).startswith("cuda") else 1
+
+
 def launch_note(device: str | torch.device, batch: int) -> str | None:
     """The caveat to print beside a batch-`batch` latency on `device`, or None."""
     return LAUNCH_BOUND if str(device).startswith("cuda") and batch == 1 else None

@@ -173,8 +173,9 @@ class Pruner:
     def prune(self, n: int | None = None, *, ratio: float | None = None, macs: float | None = None) -> PruneResult:
         """Remove units in rank order, physically, in place; give exactly one target.
 
-        n: the n lowest-ranked units (fewer if minimums or rounding forbid). ratio: that share of the
-        units the model has now. macs: as many as it takes for the MACs per example to be at most
+        n: the n lowest-ranked units, or with round_to > 1 the fewest more that rounding allows (fewer
+        only if the minimums forbid). ratio: that share of the units the model has now (rounding
+        may keep some). macs: as many as it takes for the MACs per example to be at most
         1/macs of what they were when the Pruner was created (overshooting by at most one unit).
         """
         if sum(t is not None for t in (n, ratio, macs)) != 1:
@@ -188,7 +189,7 @@ class Pruner:
             n = self._units_for_macs(self.macs_at_start / macs, scores, macs)
         if n < 0:
             raise ValueError("n must be >= 0")
-        remove = self._select(n, scores)
+        remove = self._select(self._rounded_count(n, scores) if n and ratio is None and macs is None else n, scores)
         result = self._result(remove)
         if remove.any():
             result.check = self._remove(remove)
@@ -227,6 +228,21 @@ class Pruner:
                 kept = min(group.size, -(-kept // self.round_to) * self.round_to)
             remove[units[:group.size - kept]] = True  # units are in rank order: keep the best
         return remove
+
+    def _rounded_count(self, n: int, scores: torch.Tensor) -> int:
+        """How many units to take in rank order so that at least n go once rounding has kept
+        multiples of round_to (n itself without rounding): rounding keeps more than it is asked
+        to remove, so n small steps could otherwise remove nothing."""
+        removed = lambda k: int(self._select(k, scores).sum())  # noqa: E731  (monotone in k)
+        if self.round_to == 1 or removed(n) >= n:
+            return n
+        lo, hi = n, self.prunable()  # removed(lo) < n; the answer is the least k with removed(k) >= n
+        if removed(hi) < n:
+            return hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if removed(mid) >= n else (mid, hi)
+        return hi
 
     def _units_for_macs(self, target: float, scores: torch.Tensor, factor: float) -> int:
         """The fewest units, in rank order, whose removal brings the real MACs to `target` or below.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from . import checkpoint
 from .distributed import Context
-from .measure import latency_ms, profile, speed_change
+from .measure import deployment_batch, latency_ms, profile, speed_change
 from .pruner import Pruner
 from .surgery import remove_units
 from .train import evaluate, fine_tune
@@ -63,7 +63,7 @@ class Schedule:
     channels_last: bool = False
     flops_lambda: float = 0.0
     latency_aware: bool = False
-    latency_batch: int = 1
+    latency_batch: int | None = None  # None: 64 on a GPU, 1 on the CPU (measure.deployment_batch)
     round_to: int | str = "auto"
     normalize: str = "mean"
     min_channels: int | dict = 1
@@ -71,14 +71,16 @@ class Schedule:
     seed: int = 0
 
 
-def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", share: float = 0.25) -> torch.Tensor:
+def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", share: float = 0.25,
+                       min_run_time: float = 0.3) -> torch.Tensor:
     """Milliseconds each unit costs on this device at this batch size (in the model's dtype): prune
-    `share` of one group at a time from a copy and time it. Scaled so the total equals the MACs
-    total (in MMACs): only the spread changes, and flops_lambda keeps its meaning."""
+    `share` of one group at a time from a copy and time it (min_run_time: seconds per timing block).
+    Scaled so the total equals the MACs total (in MMACs): only the spread changes, and flops_lambda
+    keeps its meaning."""
     first = pruner.example_inputs[0]
     dtype = next(pruner.model.parameters()).dtype
     example = first[:1].expand(batch, *first.shape[1:]).to(dtype if first.is_floating_point() else first.dtype).contiguous()
-    base = latency_ms(pruner.model, example, device=device, min_run_time=0.3)
+    base = latency_ms(pruner.model, example, device=device, min_run_time=min_run_time)
     cost = torch.zeros(pruner.graph.num_units, dtype=torch.float64)
     for group in pruner.groups:
         k = max(1, int(group.size * share))
@@ -88,7 +90,7 @@ def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", shar
         remove = torch.zeros(pruner.graph.num_units, dtype=torch.bool)
         remove[group.offset:group.offset + k] = True
         remove_units(trial, pruner.graph, remove)
-        saved = base - latency_ms(trial, example, device=device, min_run_time=0.3)
+        saved = base - latency_ms(trial, example, device=device, min_run_time=min_run_time)
         cost[group.offset:group.offset + group.size] = max(saved, 0.0) / k
     macs = pruner.graph.unit_cost() / 1e6
     return cost * (macs.sum() / cost.sum()) if cost.sum() > 0 else macs
@@ -124,6 +126,8 @@ def prune_iteratively(
     (distributed.setup()); None is one process.
     """
     ctx = context or Context(device=device)
+    if schedule.latency_batch is None:
+        schedule = replace(schedule, latency_batch=deployment_batch(device))
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     example_inputs = _to(example_inputs, device)
     evaluate_fn = evaluate_fn or (lambda m: evaluate(m, eval_loader, device=device, progress=progress))

@@ -56,7 +56,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     teacher, distill: the loss is (1 - distill) * loss_fn + distill * distillation_loss against the
     teacher's outputs (the teacher is run in no_grad, in whatever mode it is in: eval for a frozen one).
     """
-    total_loss, correct, seen = 0.0, 0, 0
+    # Sums stay on the device: a .item() per step would make the host wait for every step's kernels.
+    total_loss, correct, seen = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.long, device=device), 0
     with training(model):
         for inputs, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
             inputs, targets = to_device(inputs, device, channels_last), to_device(targets, device)
@@ -70,10 +71,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
+            total_loss += loss.detach() * len(targets)
+            correct += (logits.argmax(1) == targets).sum()
             seen += len(targets)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+    return {"loss": total_loss.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1)}
 
 
 @torch.no_grad()

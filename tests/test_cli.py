@@ -576,6 +576,9 @@ def test_distillation_and_speed_flags_reach_the_schedule():
                                     "--macs-step", "1.5"]))
     assert (schedule.round_to, schedule.normalize, schedule.latency_batch, schedule.macs_step) == (8, "l2", 64, 1.5)
     assert cli._schedule(parse(["prune", "--data", "d"])).round_to == "auto"
+    assert cli._schedule(parse(["prune", "--data", "d"])).latency_batch is None  # 64 on a GPU, 1 on the CPU
+    train = parse(["train", "--data", "d", "--amp", "--channels-last"])  # training from scratch uses them too
+    assert (train.amp, train.channels_last) == (True, True)
 
 
 def test_vgg_classifier_is_ignored_unless_prune_linear():

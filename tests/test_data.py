@@ -328,3 +328,12 @@ def test_fashion_subset_augmentation():
     assert all(d.shape == (3, 32, 32) for d in draws)
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
     assert all(d.min() >= -1 and d.max() <= 1 for d in draws)
+
+
+def test_loaders_pin_memory_when_cuda_is_there_unless_told(monkeypatch):
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert make_loader(data, 2, shuffle=False).pin_memory
+    assert not make_loader(data, 2, shuffle=False, pin_memory=False).pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not make_loader(data, 2, shuffle=False).pin_memory

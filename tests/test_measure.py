@@ -138,3 +138,10 @@ def test_gpu_headline_is_batch_64_and_batch_1_carries_the_launch_note():
 def test_cuda_profile_measures_batch_64_by_default():
     p = profile(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(1, 3, 32, 32), device="cuda", min_run_time=0.05)
     assert set(p.latency_ms) == {1, 64} and p.headline_batch == 64
+
+
+def test_deployment_batch_is_64_on_a_gpu_and_1_elsewhere():
+    from filterprune.measure import deployment_batch
+
+    assert deployment_batch("cuda") == deployment_batch(torch.device("cuda:1")) == GPU_BATCH == 64
+    assert deployment_batch("cpu") == 1

@@ -412,6 +412,12 @@ def run(schedule: Schedule, seed: int = 0, **kwargs):
                              ignore=["7"], **kwargs)
 
 
+def test_latency_batch_defaults_to_the_deployment_batch_of_the_device(latency_from_macs):
+    _, log = run(Schedule(criterion="l1", step=2, epochs=0, max_iterations=1))
+    assert Schedule().latency_batch is None and log["schedule"]["latency_batch"] == 1  # on the CPU
+    assert "latency_ms_b1" in log["baseline"] and "latency_ms_b1" in log["iterations"][0]
+
+
 def test_public_api_is_exported():
     assert fp.prune_iteratively is prune_iteratively and fp.Schedule is Schedule
     assert "extra" not in {f.name for f in __import__("dataclasses").fields(Schedule)}

@@ -256,9 +256,10 @@ def weight_scores(name: str | Criterion, model: nn.Module, graph: ChannelGraph, 
 
 class _Gate(torch.autograd.Function):
     """x * gate for a gate of ones, computed as what it is: the identity. Its backward passes the
-    gradient through untouched and gives the gate's gradient, per example and feature map the sum
-    of activation * gradient, as one batched dot product: no product tensor in either direction
-    (x * gate cost three extra passes over every activation; this costs one read of each)."""
+    gradient through untouched and gives the gate's gradient: per example and feature map, the
+    sum of activation * gradient. x * gate itself costs a pass over every activation forward and
+    two backward; a batched matmul for the sums was 1.5x slower still on an H200
+    (benchmarks/README.md, GPU section)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gate: torch.Tensor, dim: int) -> torch.Tensor:
@@ -269,15 +270,9 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        # [batch, channel, rest] for both, then a dot product over the rest, per (batch, channel)
+        # [batch, channel, rest] for both, then the sum over the rest per (batch, channel)
         a, g = (t.movedim(ctx.dim, 1).reshape(t.shape[0], t.shape[ctx.dim], -1) for t in (x, grad))
-        return grad, map_dot(a, g.to(a.dtype)).reshape(ctx.gate_shape), None
-
-
-def map_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[batch, channel, n] x [batch, channel, n] -> [batch, channel]: one dot product per map, as a
-    batched matrix product (reads each operand once; (a * b).sum(-1) writes and reads the product)."""
-    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:2])
+        return grad, (a * g.to(a.dtype)).sum(-1).reshape(ctx.gate_shape), None
 
 
 class _Recorder:

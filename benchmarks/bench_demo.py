@@ -1,0 +1,58 @@
+"""The demo, several seeds: what `filterprune demo` gives, with its spread.
+
+    python benchmarks/bench_demo.py --seeds 0 1 2 [--out runs/bench_demo]
+
+Each seed is a whole demo run (its own pretraining, transfer, control and pruning; cached
+pretraining is reused). Prints one row per seed and the mean: test accuracy of the baseline, the
+control (the unpruned network fine-tuned as many epochs as pruning adds) and the pruned network,
+the pruned network against the control on the test and validation images, MACs, size, measured
+speed-ups at batch 1 and 64, and wall time. The demo chooses nothing on the test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from filterprune.measure import speed_change
+from filterprune.recipes.demo import TARGETS, DemoConfig, run_demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/bench_demo")
+    args = parser.parse_args()
+    rows, numbers = [], []
+    for seed in args.seeds:
+        report = run_demo(f"{args.out}/seed{seed}", DemoConfig(seed=seed), progress=False, log=lambda line: None)
+        base, control, pruned = report["baseline"], report["control"], report["pruned"]
+        speeds = [speed_change(base[f"latency_ms_b{b}"], pruned[f"latency_ms_b{b}"], base[f"latency_iqr_ms_b{b}"],
+                               pruned[f"latency_iqr_ms_b{b}"]) for b in (1, 64)]
+        n = {"baseline": 100 * base["accuracy"], "control": 100 * control["accuracy"], "pruned": 100 * pruned["accuracy"],
+             "vs control": 100 * (pruned["accuracy"] - control["accuracy"]),
+             "val vs control": 100 * (pruned["val_accuracy"] - control["val_accuracy"]),
+             "macs": base["macs"] / pruned["macs"], "size": base["size_mb"] / pruned["size_mb"],
+             "b1": base["latency_ms_b1"] / pruned["latency_ms_b1"], "b64": base["latency_ms_b64"] / pruned["latency_ms_b64"],
+             "wall": report["wall_s"] / 60}
+        numbers.append(n)
+        rows.append([str(seed), *(f"{n[k]:.2f}" for k in ("baseline", "control", "pruned")), f"{n['vs control']:+.2f}",
+                     f"{n['val vs control']:+.2f}", f"{n['macs']:.2f}x", f"{n['size']:.2f}x", speeds[0], speeds[1], f"{n['wall']:.1f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    mean = {k: statistics.mean(n[k] for n in numbers) for k in numbers[0]}
+    rows.append(["mean", *(f"{mean[k]:.2f}" for k in ("baseline", "control", "pruned")), f"{mean['vs control']:+.2f}",
+                 f"{mean['val vs control']:+.2f}", f"{mean['macs']:.2f}x", f"{mean['size']:.2f}x", f"{mean['b1']:.2f}x faster",
+                 f"{mean['b64']:.2f}x faster", f"{mean['wall']:.1f}"])
+    header = ["seed", "baseline %", "control %", "pruned %", "pruned - control (test)", "pruned - control (val)", "MACs fewer",
+              "smaller", "batch 1", "batch 64", "minutes"]
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; targets: {TARGETS}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

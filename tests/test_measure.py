@@ -145,3 +145,17 @@ def test_deployment_batch_is_64_on_a_gpu_and_1_elsewhere():
 
     assert deployment_batch("cuda") == deployment_batch(torch.device("cuda:1")) == GPU_BATCH == 64
     assert deployment_batch("cpu") == 1
+
+
+def test_a_channels_last_model_is_timed_on_channels_last_inputs():
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(1, 3, 12, 12)
+    profile(model, x, batch_sizes=(2,), min_run_time=0.01)
+    assert seen and not any(seen)  # a contiguous model: contiguous inputs
+    seen.clear()
+    model.to(memory_format=torch.channels_last)
+    profile(model, x, batch_sizes=(2,), min_run_time=0.01)
+    latency_spread_ms(model, torch.randn(2, 3, 12, 12), min_run_time=0.01)
+    assert seen and all(seen)

@@ -127,12 +127,13 @@ def profile(
     threads = threads or torch.get_num_threads()
     tensors, _ = state_tensors(model)
     times: dict[int, tuple[float, float]] = {}
+    layout = _layout(model)
     with _measuring(model, device) as dev:
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            model(*_batch(inputs, 1, dev))
+            model(*_batch(inputs, 1, dev, layout))
         if latency:
             for b in batch_sizes or default_batch_sizes(dev):
-                times[b] = _timed_ms(model, _batch(inputs, b, dev), threads, min_run_time)
+                times[b] = _timed_ms(model, _batch(inputs, b, dev, layout), threads, min_run_time)
     params = list(model.parameters())
     dtype = params[0].dtype if params else inputs[0].dtype
     return Profile(
@@ -158,8 +159,9 @@ def latency_spread_ms(
     model: nn.Module, inputs, device: str | None = None, threads: int | None = None, min_run_time: float = 0.5
 ) -> tuple[float, float]:
     """(median, interquartile range) in milliseconds of one forward pass of `model` on `inputs`."""
+    layout = _layout(model)
     with _measuring(model, device) as dev:
-        batch = tuple(x.to(dev) for x in _as_tuple(inputs))
+        batch = tuple(x.to(dev, memory_format=layout) if x.dim() == 4 else x.to(dev) for x in _as_tuple(inputs))
         return _timed_ms(model, batch, threads or torch.get_num_threads(), min_run_time)
 
 
@@ -202,6 +204,15 @@ def _as_tuple(inputs) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def _batch(inputs: tuple, size: int, device: torch.device) -> tuple:
-    """A batch of `size` copies of the first example of each input."""
-    return tuple(x[:1].repeat(size, *[1] * (x.dim() - 1)).to(device) for x in inputs)
+def _batch(inputs: tuple, size: int, device: torch.device, layout: torch.memory_format = torch.contiguous_format) -> tuple:
+    """A batch of `size` copies of the first example of each input (4-D ones in `layout`)."""
+    copies = (x[:1].repeat(size, *[1] * (x.dim() - 1)).to(device) for x in inputs)
+    return tuple(x.contiguous(memory_format=layout) if x.dim() == 4 else x for x in copies)
+
+
+def _layout(model: nn.Module) -> torch.memory_format:
+    """channels_last if the model's 4-D weights are stored so (as fine_tune(channels_last=True) leaves
+    them): a model is timed on inputs in its own layout, since mixing the two adds conversions."""
+    last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
+    return torch.channels_last if last else torch.contiguous_format

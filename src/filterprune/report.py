@@ -125,7 +125,8 @@ def headline_table(report: dict) -> str:
                 if before is not None else ["", "", ""]
         rows.append(row)
     device, batch = base.get("device", "?"), _headline_batch(base)
-    note = (f"Latency: median milliseconds per batch on {device}, {base.get('dtype', '?')}, {base.get('threads', '?')} threads; "
+    how = f"milliseconds per batch, {base['timing']}," if base.get("timing") else "median milliseconds per batch"
+    note = (f"Latency: {how} on {device}, {base.get('dtype', '?')}, {base.get('threads', '?')} threads; "
             "a change within the two timings' interquartile ranges reads \"no measurable change\"")
     if batch is not None:
         note += f"; headline: batch {batch}"

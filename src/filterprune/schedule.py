@@ -187,6 +187,8 @@ def _start(model: nn.Module | None, example_inputs, schedule: Schedule, ignore, 
         model.to(device)
     else:
         check_reachable(model, example_inputs, schedule, ignore)  # fails before any work if it cannot succeed
+        if schedule.channels_last:  # the layout fine-tuning will leave it in: the baseline is timed alike
+            model.to(memory_format=torch.channels_last)
         baseline = measured(model.to(device))  # on the device it is measured and evaluated on
         baseline.pop("wall_s")
         log = {"schedule": asdict(schedule), "baseline": baseline, "iterations": [], "stopped": None, "wall_s": 0.0}

@@ -168,14 +168,15 @@ class Pruner:
 
     def select(self, n: int, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Which units prune(n) would remove (a bool mask over the graph's units), removing nothing."""
-        return self._select(n, self.scores() if scores is None else scores)
+        scores = self.scores() if scores is None else scores
+        return self._select(self._rounded_count(n, scores), scores)
 
     def prune(self, n: int | None = None, *, ratio: float | None = None, macs: float | None = None) -> PruneResult:
         """Remove units in rank order, physically, in place; give exactly one target.
 
         n: the n lowest-ranked units, or with round_to > 1 the fewest more that rounding allows (fewer
-        only if the minimums forbid). ratio: that share of the units the model has now (rounding
-        may keep some). macs: as many as it takes for the MACs per example to be at most
+        only if the minimums forbid). ratio: that share of the units the model has now, likewise.
+        macs: as many as it takes for the MACs per example to be at most
         1/macs of what they were when the Pruner was created (overshooting by at most one unit).
         """
         if sum(t is not None for t in (n, ratio, macs)) != 1:
@@ -189,7 +190,9 @@ class Pruner:
             n = self._units_for_macs(self.macs_at_start / macs, scores, macs)
         if n < 0:
             raise ValueError("n must be >= 0")
-        remove = self._select(self._rounded_count(n, scores) if n and ratio is None and macs is None else n, scores)
+        if macs is None:  # (the MACs search counts rounding in already)
+            n = self._rounded_count(n, scores)
+        remove = self._select(n, scores)
         result = self._result(remove)
         if remove.any():
             result.check = self._remove(remove)

@@ -1,6 +1,6 @@
 """The demo, several seeds: what `filterprune demo` gives, with its spread.
 
-    python benchmarks/bench_demo.py --seeds 0 1 2 [--out runs/bench_demo]
+    python benchmarks/bench_demo.py --seeds 0 1 2 [--distill W] [--out runs/bench_demo]
 
 Each seed is a whole demo run (its own pretraining, transfer, control and pruning; cached
 pretraining is reused). Prints one row per seed and the mean: test accuracy of the baseline, the
@@ -23,11 +23,13 @@ from filterprune.recipes.demo import TARGETS, DemoConfig, run_demo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--distill", type=float, help="override DemoConfig.distill (weight of distillation from the unpruned network)")
     parser.add_argument("--out", default="runs/bench_demo")
     args = parser.parse_args()
     rows, numbers = [], []
     for seed in args.seeds:
-        report = run_demo(f"{args.out}/seed{seed}", DemoConfig(seed=seed), progress=False, log=lambda line: None)
+        config = DemoConfig(seed=seed) if args.distill is None else DemoConfig(seed=seed, distill=args.distill)
+        report = run_demo(f"{args.out}/seed{seed}", config, progress=False, log=lambda line: None)
         base, control, pruned = report["baseline"], report["control"], report["pruned"]
         speeds = [speed_change(base[f"latency_ms_b{b}"], pruned[f"latency_ms_b{b}"], base[f"latency_iqr_ms_b{b}"],
                                pruned[f"latency_iqr_ms_b{b}"]) for b in (1, 64)]

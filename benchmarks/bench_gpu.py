@@ -109,21 +109,6 @@ def bench_round(args) -> None:
           ["model", "channels", "GMACs", "groups not /8", *MODES], rows)
 
 
-def graph_replay(model: nn.Module, x: torch.Tensor):
-    """The model's forward captured as a CUDA graph: what replaying it costs is the GPU's work alone."""
-    static = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):  # warm up off the capture: cuDNN's choice, the allocator
-            model(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        model(static)
-    return graph.replay
-
-
 def bench_deploy(args) -> None:
     """The same pair (unpruned, 50% per layer with the default rounding) in bf16 + channels_last,
     timed as eager PyTorch, with cudnn.benchmark (cuDNN tries its kernels per shape), and replayed
@@ -141,10 +126,7 @@ def bench_deploy(args) -> None:
         forms = ("eager", "eager + cudnn.benchmark", "CUDA graph + cudnn.benchmark")
         for form in forms if args.device.startswith("cuda") else forms[:1]:
             torch.backends.cudnn.benchmark = form != "eager"
-            if form.startswith("CUDA graph"):
-                t = [time_ms(graph_replay(m, x), min_run_time=args.run_time) for m in pair]
-            else:
-                t = [latency_spread_ms(m, x, min_run_time=args.run_time) for m in pair]
+            t = [latency_spread_ms(m, x, min_run_time=args.run_time, cuda_graph=form.startswith("CUDA graph")) for m in pair]
             rows.append([arch, f"{result.macs_before / result.macs_after:.2f}x", f"round_to={pruner.round_to}", form, ms(t[0]), ms(t[1]),
                          fp.speed_change(t[0][0], t[1][0], t[0][1], t[1][1])])
         torch.backends.cudnn.benchmark = False

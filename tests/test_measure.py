@@ -51,9 +51,9 @@ def test_latency_keys_and_report():
     assert set(p.latency_ms) == {1, 2} and all(ms > 0 for ms in p.latency_ms.values())
     d = p.as_dict()
     assert list(d) == ["params", "size_mb", "macs", "latency_ms_b1", "latency_ms_b2", "latency_iqr_ms_b1", "latency_iqr_ms_b2",
-                       "device", "dtype", "threads"]
+                       "device", "dtype", "threads", "form"]
     assert all(d[f"latency_iqr_ms_b{b}"] >= 0 for b in (1, 2))
-    assert (d["device"], d["dtype"], d["threads"]) == ("cpu", "float32", 1)
+    assert (d["device"], d["dtype"], d["threads"], d["form"]) == ("cpu", "float32", 1, "eager")
     text = str(p)
     assert "ms" in text and "MB" in text and "MMACs" in text and "IQR" in text
     assert p.headline_batch == 1 and "launch" not in text  # the GPU caveat only on a GPU
@@ -159,3 +159,16 @@ def test_a_channels_last_model_is_timed_on_channels_last_inputs():
     profile(model, x, batch_sizes=(2,), min_run_time=0.01)
     latency_spread_ms(model, torch.randn(2, 3, 12, 12), min_run_time=0.01)
     assert seen and all(seen)
+
+
+def test_cuda_graph_timing_needs_a_gpu_and_says_so():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="device='cuda'"):
+        profile(model, torch.randn(1, 3, 8, 8), batch_sizes=(1,), device="cpu", cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_timing_on_a_gpu():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    p = profile(model, torch.randn(1, 3, 16, 16), batch_sizes=(4,), device="cuda", cuda_graph=True, min_run_time=0.05)
+    assert p.form == "CUDA graph" and p.latency_ms[4] > 0 and not next(model.parameters()).is_cuda

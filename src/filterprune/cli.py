@@ -243,7 +243,10 @@ def cmd_profile(args) -> int:
     if args.module:  # e.g. a detector's backbone, which sees the (normalised) image batch
         model = _submodule(model, args.module)
         print(f"module {args.module}:")
-    print(profile(model, example, batch_sizes=batches, device=_device(args.device)))
+    device = _device(args.device)
+    if args.cuda_graph and not device.startswith("cuda"):
+        raise UsageError(f"--cuda-graph times a CUDA graph, which needs a GPU: add --device cuda (this run's device is {device})")
+    print(profile(model, example, batch_sizes=batches, device=device, cuda_graph=args.cuda_graph))
     return 0
 
 

@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--size", type=int)
     p.add_argument("--batch-sizes", default="1,64")
+    p.add_argument("--cuda-graph", action="store_true", help="time the forward replayed as a CUDA graph (needs --device cuda)")
 
     p = command("export", cmd_export, "export a saved model to ONNX")
     p.add_argument("--model", required=True)

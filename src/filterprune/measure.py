@@ -46,6 +46,7 @@ class Profile:
     dtype: str
     threads: int
     latency_iqr_ms: dict[int, float] = field(default_factory=dict)  # batch size -> interquartile range (ms)
+    form: str = "eager"  # how the forward was run while timed: "eager" or "CUDA graph" (replayed)
 
     @property
     def headline_batch(self) -> int | None:
@@ -59,7 +60,7 @@ class Profile:
         out = {"params": self.params, "size_mb": self.size_mb, "macs": self.macs}
         out.update({f"latency_ms_b{b}": ms for b, ms in sorted(self.latency_ms.items())})
         out.update({f"latency_iqr_ms_b{b}": ms for b, ms in sorted(self.latency_iqr_ms.items())})
-        out.update(device=self.device, dtype=self.dtype, threads=self.threads)
+        out.update(device=self.device, dtype=self.dtype, threads=self.threads, form=self.form)
         return out
 
     def __str__(self) -> str:
@@ -72,7 +73,7 @@ class Profile:
             iqr = self.latency_iqr_ms.get(b)
             spread = f", IQR {iqr:.2f}" if iqr is not None else ""
             rows.append((f"latency, batch {b}", f"{ms:.2f} ms (median{spread})" + (" *" if b == self.headline_batch else "")))
-        rows.append(("measured on", f"{self.device}, {self.dtype}, {self.threads} threads"))
+        rows.append(("measured on", f"{self.device}, {self.dtype}, {self.threads} threads, {self.form}"))
         notes = [f"* headline batch ({'the deployment batch on a GPU' if self.device.startswith('cuda') else 'smallest measured'})"]
         if self.device.startswith("cuda") and 1 in self.latency_ms:
             notes.append(f"batch 1: {LAUNCH_BOUND}")
@@ -120,9 +121,11 @@ def profile(
     threads: int | None = None,
     min_run_time: float = 0.5,
     latency: bool = True,
+    cuda_graph: bool = False,
 ) -> Profile:
     """Count parameters, size and MACs of `model` and time it at each batch size
-    (default: `default_batch_sizes(device)`, so batch 64 on a GPU)."""
+    (default: `default_batch_sizes(device)`, so batch 64 on a GPU). cuda_graph: time the forward
+    captured once and replayed as a CUDA graph, the deployed form that removes launch overhead."""
     inputs = _as_tuple(example_inputs)
     threads = threads or torch.get_num_threads()
     tensors, _ = state_tensors(model)
@@ -133,7 +136,7 @@ def profile(
             model(*_batch(inputs, 1, dev, layout))
         if latency:
             for b in batch_sizes or default_batch_sizes(dev):
-                times[b] = _timed_ms(model, _batch(inputs, b, dev, layout), threads, min_run_time)
+                times[b] = _timed_ms(model, _batch(inputs, b, dev, layout), threads, min_run_time, cuda_graph)
     params = list(model.parameters())
     dtype = params[0].dtype if params else inputs[0].dtype
     return Profile(
@@ -145,6 +148,7 @@ def profile(
         device=str(dev),
         dtype=str(dtype).removeprefix("torch."),
         threads=threads,
+        form="CUDA graph" if cuda_graph else "eager",
     )
 
 
@@ -156,13 +160,15 @@ def latency_ms(
 
 
 def latency_spread_ms(
-    model: nn.Module, inputs, device: str | None = None, threads: int | None = None, min_run_time: float = 0.5
+    model: nn.Module, inputs, device: str | None = None, threads: int | None = None, min_run_time: float = 0.5,
+    cuda_graph: bool = False,
 ) -> tuple[float, float]:
-    """(median, interquartile range) in milliseconds of one forward pass of `model` on `inputs`."""
+    """(median, interquartile range) in milliseconds of one forward pass of `model` on `inputs`
+    (cuda_graph: replayed as a CUDA graph)."""
     layout = _layout(model)
     with _measuring(model, device) as dev:
         batch = tuple(x.to(dev, memory_format=layout) if x.dim() == 4 else x.to(dev) for x in _as_tuple(inputs))
-        return _timed_ms(model, batch, threads or torch.get_num_threads(), min_run_time)
+        return _timed_ms(model, batch, threads or torch.get_num_threads(), min_run_time, cuda_graph)
 
 
 def time_ms(fn: Callable[[], object], threads: int | None = None, min_run_time: float = 0.5) -> tuple[float, float]:
@@ -180,10 +186,29 @@ def time_ms(fn: Callable[[], object], threads: int | None = None, min_run_time: 
     return median * 1e3, (q3 - q1) * 1e3
 
 
-def _timed_ms(model: nn.Module, inputs: tuple, threads: int, min_run_time: float) -> tuple[float, float]:
+def _timed_ms(model: nn.Module, inputs: tuple, threads: int, min_run_time: float,
+              cuda_graph: bool = False) -> tuple[float, float]:
+    if cuda_graph:
+        return time_ms(_graph_replay(model, inputs), threads, min_run_time)
     # Timer runs the statement in this thread, so the inference mode set here applies to it.
     with torch.inference_mode():
         return time_ms(lambda: model(*inputs), threads, min_run_time)
+
+
+def _graph_replay(model: nn.Module, inputs: tuple) -> Callable[[], None]:
+    """The forward on `inputs` captured as a CUDA graph; returns its replay."""
+    if not all(x.is_cuda for x in inputs):
+        raise ValueError("cuda_graph=True times a CUDA graph: give device='cuda' (a GPU is needed)")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(WARMUP):  # off the capture: cuDNN's choice of kernels, the allocator
+            model(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        model(*inputs)
+    return graph.replay
 
 
 @contextmanager

@@ -3,7 +3,8 @@
 For each `normalize` option of filterprune.Pruner, with the l1 criterion (weights only, no data),
 global scope and every nn.Linear ignored (the classifier keeps its hidden units), remove a share of
 the channels of random-weight torchvision models and print the MACs factor (unpruned / pruned,
-per example, torch.utils.flop_counter) and the measured batch-1 latency factor as a markdown table.
+per example, torch.utils.flop_counter) and the measured batch-1 speed change (filterprune.speed_change:
+"no measurable change" inside the timings' spreads) as a markdown table.
 
     python benchmarks/bench_policy.py --size 64 --share 0.3 [--no-latency] [--models resnet18 ...]
 """
@@ -19,6 +20,7 @@ import torchvision
 from torch import nn
 
 import filterprune as fp
+from filterprune.measure import latency_spread_ms
 from filterprune.pruner import NORMALIZE
 
 MODELS = [
@@ -36,12 +38,18 @@ def build(name: str) -> nn.Module:
 def run(name: str, normalize: str, size: int, share: float, latency: bool, threads: int) -> dict:
     model = build(name)
     x = torch.randn(1, 3, size, size)
-    before = fp.latency_ms(model, x, threads=threads, min_run_time=0.3) if latency else math.nan
+    before = latency_spread_ms(model, x, threads=threads, min_run_time=0.3) if latency else (math.nan, 0.0)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     pruner = fp.Pruner(model, x, criterion="l1", normalize=normalize, ignore=linears, round_to=1)
     result = pruner.prune(ratio=share)
-    after = fp.latency_ms(model, x, threads=threads, min_run_time=0.3) if latency else math.nan
-    return {"macs": result.macs_before / result.macs_after, "latency": before / after}
+    after = latency_spread_ms(model, x, threads=threads, min_run_time=0.3) if latency else (math.nan, 0.0)
+    said = fp.speed_change(before[0], after[0], before[1], after[1]) if latency else ""
+    return {"macs": result.macs_before / result.macs_after, "latency": before[0] / after[0], "said": said}
+
+
+def factor(value: float) -> str:
+    """A factor unpruned / pruned as words: '1.41x' (fewer / faster) or '1.15x slower'."""
+    return f"{value:.2f}x" if value >= 1 else f"{1 / value:.2f}x slower"
 
 
 def main() -> None:
@@ -63,12 +71,13 @@ def main() -> None:
     print("| model | " + " | ".join(heads) + " |")
     print("|---|" + "---:|" * len(heads))
     keys = ["macs"] + ([] if args.no_latency else ["latency"])
-    for m in args.models:
-        cells = [f"{results[m, n][k]:.2f}x" for k in keys for n in args.normalize]
+    for m in args.models:  # latency cells: speed_change's words (within the timings' spreads: no measurable change)
+        cells = [f"{results[m, n]['macs']:.2f}x" for n in args.normalize]
+        cells += [] if args.no_latency else [results[m, n]["said"] for n in args.normalize]
         print(f"| {m} | " + " | ".join(cells) + " |")
     geo = [math.exp(sum(math.log(results[m, n][k]) for m in args.models) / len(args.models))
            for k in keys for n in args.normalize]
-    print("| geometric mean | " + " | ".join(f"{g:.2f}x" for g in geo) + " |")
+    print("| geometric mean | " + " | ".join(factor(g) for g in geo) + " |")
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 

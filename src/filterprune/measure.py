@@ -167,7 +167,7 @@ def latency_spread_ms(
     (cuda_graph: replayed as a CUDA graph)."""
     layout = _layout(model)
     with _measuring(model, device) as dev:
-        batch = tuple(x.to(dev, memory_format=layout) if x.dim() == 4 else x.to(dev) for x in _as_tuple(inputs))
+        batch = tuple(_placed(x, dev, layout) for x in _as_tuple(inputs))
         return _timed_ms(model, batch, threads or torch.get_num_threads(), min_run_time, cuda_graph)
 
 
@@ -231,8 +231,12 @@ def _as_tuple(inputs) -> tuple:
 
 def _batch(inputs: tuple, size: int, device: torch.device, layout: torch.memory_format = torch.contiguous_format) -> tuple:
     """A batch of `size` copies of the first example of each input (4-D ones in `layout`)."""
-    copies = (x[:1].repeat(size, *[1] * (x.dim() - 1)).to(device) for x in inputs)
-    return tuple(x.contiguous(memory_format=layout) if x.dim() == 4 else x for x in copies)
+    return tuple(_placed(x[:1].repeat(size, *[1] * (x.dim() - 1)), device, layout) for x in inputs)
+
+
+def _placed(x: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
+    """`x` on `device`, in `layout` if it is 4-D (an image batch)."""
+    return x.to(device, memory_format=layout) if x.dim() == 4 else x.to(device)
 
 
 def _layout(model: nn.Module) -> torch.memory_format:

@@ -1,17 +1,19 @@
 """The demo, several seeds: what `filterprune demo` gives, with its spread.
 
-    python benchmarks/bench_demo.py --seeds 0 1 2 [--distill W] [--out runs/bench_demo]
+    python benchmarks/bench_demo.py --seeds 0 1 2 [--set final_epochs=24 --set distill=0.5] [--out runs/bench_demo]
 
 Each seed is a whole demo run (its own pretraining, transfer, control and pruning; cached
 pretraining is reused). Prints one row per seed and the mean: test accuracy of the baseline, the
 control (the unpruned network fine-tuned as many epochs as pruning adds) and the pruned network,
 the pruned network against the control on the test and validation images, MACs, size, measured
 speed-ups at batch 1 and 64, and wall time. The demo chooses nothing on the test images.
+`--set FIELD=VALUE` overrides a DemoConfig field (a recipe on trial).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -20,15 +22,31 @@ from filterprune.measure import speed_change
 from filterprune.recipes.demo import TARGETS, DemoConfig, run_demo
 
 
+def overridden(item: str) -> tuple[str, object]:
+    """'final_epochs=24' -> ('final_epochs', 24), typed like DemoConfig's default for that field."""
+    key, _, value = item.partition("=")
+    defaults = {f.name: getattr(DemoConfig(), f.name) for f in dataclasses.fields(DemoConfig)}
+    if key not in defaults or not value:
+        raise SystemExit(f"--set {item!r}: give FIELD=VALUE with one of {', '.join(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+        return key, value.lower() in ("1", "true", "yes")
+    return key, type(default)(value) if isinstance(default, (int, float, str)) else value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--distill", type=float, help="override DemoConfig.distill (weight of distillation from the unpruned network)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a DemoConfig field")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--out", default="runs/bench_demo")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = dict(overridden(item) for item in args.set)
     rows, numbers = [], []
     for seed in args.seeds:
-        config = DemoConfig(seed=seed) if args.distill is None else DemoConfig(seed=seed, distill=args.distill)
+        config = DemoConfig(seed=seed, **overrides)
         report = run_demo(f"{args.out}/seed{seed}", config, progress=False, log=lambda line: None)
         base, control, pruned = report["baseline"], report["control"], report["pruned"]
         speeds = [speed_change(base[f"latency_ms_b{b}"], pruned[f"latency_ms_b{b}"], base[f"latency_iqr_ms_b{b}"],
@@ -49,7 +67,7 @@ def main() -> None:
                  f"{mean['b64']:.2f}x faster", f"{mean['wall']:.1f}"])
     header = ["seed", "baseline %", "control %", "pruned %", "pruned - control (test)", "pruned - control (val)", "MACs fewer",
               "smaller", "batch 1", "batch 64", "minutes"]
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; targets: {TARGETS}\n")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; overrides: {overrides or 'none'}; targets: {TARGETS}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:

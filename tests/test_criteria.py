@@ -258,6 +258,20 @@ def test_taylor_weight_from_rank_and_from_plain_backward():
         close(from_grads[name], expected[name])
 
 
+def test_taylor_weight_of_a_transposed_conv_sums_over_its_input_axis():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 5, 2, stride=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2)).eval()
+    x, y = data(n=4)
+    up = copy.deepcopy(model)
+    CE(up(x), y).backward()
+    t = up[2]  # weight (in, out, kh, kw): a unit is an output channel, axis 1
+    expected = ((t.weight * t.weight.grad).sum((0, 2, 3)) + t.bias * t.bias.grad).abs().detach()
+    pruner = fp.Pruner(model, x[:1], criterion="taylor-weight", ignore=[model[6]])
+    pruner.rank([(x, y)], CE, progress=False)
+    close(per_group(pruner, pruner.raw_scores())["2"], expected)
+
+
 # ---- normalisation and FLOPs regularisation ------------------------------------------------------------
 
 

@@ -152,6 +152,24 @@ class Concat(nn.Module):
         return self.c(torch.cat([self.a(x), torch.relu(self.b(x))], dim=1))
 
 
+class SelectiveKernel(nn.Module):
+    """timm's selective-kernel block in small: two paths stacked on a new axis, a softmax over the
+    paths, the paths summed. Channel k of both paths (and of both halves of fc_select) go together."""
+
+    def __init__(self, softmax=lambda x: torch.softmax(x, dim=1)):
+        super().__init__()
+        self.paths = nn.ModuleList([nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 6, 3, padding=2, dilation=2)])
+        self.fc_reduce, self.fc_select = nn.Conv2d(6, 4, 1), nn.Conv2d(4, 12, 1)
+        self.softmax, self.out = softmax, nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        x = torch.stack([path(x) for path in self.paths], dim=1)
+        attn = self.fc_select(torch.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        b, c, h, w = attn.shape
+        attn = self.softmax(attn.view(b, 2, c // 2, h, w))
+        return self.out(torch.sum(x * attn, dim=1))
+
+
 class LiteralShuffle(Shuffle):
     """The same shuffle with the channels per group written as a literal: wrong once pruned."""
 
@@ -192,7 +210,7 @@ def test_unknown_op_is_named():
         ChannelGraph(Odd(), torch.randn(1, 3, 8, 8), strict=True)
 
 
-@pytest.mark.parametrize("cls", [Shuffle, Permute, PixelShuffle, LayerScale, Concat])
+@pytest.mark.parametrize("cls", [Shuffle, Permute, PixelShuffle, LayerScale, Concat, SelectiveKernel])
 def test_small_patterns_are_exact(cls):
     torch.manual_seed(0)
     model = cls().eval()
@@ -205,6 +223,32 @@ def test_small_patterns_are_exact(cls):
     zero_removed(reference, result.removed)
     with torch.no_grad():
         assert torch.allclose(pruner.model(x), reference(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("softmax", [lambda x: torch.softmax(x, dim=1), nn.Softmax(dim=1), lambda x: x.log_softmax(1)])
+def test_selective_kernel_paths_lose_the_same_channels(softmax):
+    pruner = fp.Pruner(SelectiveKernel(softmax), torch.randn(1, 3, 8, 8), criterion="random")
+    sizes = {g.name: g.size for g in pruner.groups}
+    assert sizes == {"paths.0": 6, "fc_reduce": 4}, "path k, path k's twin and fc_select's k and 6 + k are one unit"
+    result = pruner.prune(2)  # self-checked against the zeroed unpruned model
+    model = pruner.model
+    assert result.removed["paths.0"] == result.removed["paths.1"] and model.fc_select.out_channels == 2 * model.paths[0].out_channels < 12
+
+
+@pytest.mark.parametrize("op, reason", [(lambda x: torch.softmax(x, dim=1), "normalises across channels"),
+                                        (lambda x: x.sum(1, keepdim=True), "reduces across channels")])
+def test_softmax_or_sum_over_the_channel_axis_is_left_out(op, reason):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y * op(y))
+
+    pruner = fp.Pruner(Net(), torch.randn(1, 3, 8, 8), criterion="l1")
+    assert pruner.groups == [] and reason in pruner.skipped[0]
 
 
 def test_pixel_shuffle_removes_whole_blocks():

@@ -161,6 +161,19 @@ def test_a_channels_last_model_is_timed_on_channels_last_inputs():
     assert seen and all(seen)
 
 
+def test_a_bfloat16_model_is_timed_on_bfloat16_inputs_and_integer_inputs_keep_their_type():
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).to(torch.bfloat16)
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    p = profile(model, torch.randn(1, 3, 8, 8), batch_sizes=(2,), min_run_time=0.01)  # a float32 example, as users give
+    latency_spread_ms(model, torch.randn(2, 3, 8, 8), min_run_time=0.01)
+    assert seen and set(seen) == {torch.bfloat16} and p.dtype == "bfloat16"
+    embed = nn.Embedding(10, 4)
+    embed.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    profile(embed, torch.tensor([[1, 2]]), batch_sizes=(2,), min_run_time=0.01)
+    assert seen[-1] == torch.int64
+
+
 def test_cuda_graph_timing_needs_a_gpu_and_says_so():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match="device='cuda'"):

@@ -51,19 +51,22 @@ def _head(model: nn.Module) -> str:
 
 
 # One model per kind of block: BatchNormAct2d + squeeze-excite, RegNet's grouped convs + SE, DLA's
-# aggregation trees, VoVNet's one-shot aggregation, RepVGG's branches, LCNet.
-ZOO = ["efficientnet_b0", "tf_efficientnet_b0", "regnety_002", "dla34", "ese_vovnet19b_dw", "repvgg_a0", "lcnet_050"]
+# aggregation trees, VoVNet's one-shot aggregation, RepVGG's branches, LCNet; with the MACs cut
+# each reaches at 30% per layer. skresnet18's selective-kernel blocks prune inside (softmax over
+# stacked paths), while their input split, sized by a module attribute, stays whole: a smaller cut.
+ZOO = {"efficientnet_b0": 1.5, "tf_efficientnet_b0": 1.5, "regnety_002": 1.5, "dla34": 1.5, "ese_vovnet19b_dw": 1.5,
+       "repvgg_a0": 1.5, "lcnet_050": 1.5, "skresnet18": 1.3}
 
 
-@pytest.mark.parametrize("name", ZOO)
-def test_timm_models_prune_exactly(name):
+@pytest.mark.parametrize("name, factor", ZOO.items())
+def test_timm_models_prune_exactly(name, factor):
     model = build(name).eval()
     x = torch.randn(1, 3, 64, 64)
     before = macs(model, x)
     pruner = fp.Pruner(model, x, criterion="l1", scope="layer", ignore=[model.get_classifier()])
     assert all(s.exact for s in pruner.graph.slots)
     pruner.prune(int(0.3 * sum(g.size for g in pruner.groups)))  # the self-check raises if not exact
-    assert before / macs(model, x) > 1.5
+    assert before / macs(model, x) > factor
 
 
 def test_weight_standardised_convs_prune_and_say_their_inputs_are_inexact():

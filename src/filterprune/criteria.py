@@ -116,9 +116,12 @@ def _output_first(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1) if transposed and t.dim() > 1 else t
 
 
-def _filter_sum(module: nn.Module, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Sum of each tensor over all but its output-channel axis, added up over the tensors."""
-    return sum(_output_first(module, t).flatten(1).sum(1) if t.dim() > 1 else t for t in tensors)
+def _filter_dot(module: nn.Module, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Sum of w * g over each output channel's filter, fused (no w * g tensor is made)."""
+    if w.dim() == 1:
+        return w * g
+    transposed = isinstance(module, nn.modules.conv._ConvNd) and module.transposed
+    return torch.einsum("io...,io...->o" if transposed else "o...,o...->o", w, g)
 
 
 def _out_weights(model: nn.Module, graph: ChannelGraph) -> Iterator[tuple[Slot, torch.Tensor]]:
@@ -173,7 +176,7 @@ class TaylorWeight(Criterion):
             params = _params(module)
             if any(p.grad is None for p in params):
                 raise RuntimeError("taylor-weight needs gradients: call rank(loader, loss_fn) or run a backward pass first")
-            per_slot.append((slot, _filter_sum(module, (p.detach() * p.grad for p in params))))
+            per_slot.append((slot, sum(_filter_dot(module, p.detach(), p.grad) for p in params)))
         return _combined(graph, combine, per_slot, torch.abs)
 
 
@@ -370,9 +373,8 @@ def accumulate(
     device = torch.device(device)
     zeros = lambda: torch.zeros(graph.num_units, dtype=torch.float64, device=device)  # noqa: E731
     totals = {key: zeros() for key in ("taylor", "mean", "square", "zeros", "count")}
-    slots = _weight_slots(graph) if "weight_grads" in records else []
-    params = [_params(model.get_submodule(s.module)) for s in slots]
-    totals.update({f"tw:{s.module}:{s.role}": zeros() for s in slots})
+    weights = _WeightTaylor(model, graph, device) if "weight_grads" in records else None
+    params = weights.params if weights else []
     examples = 0
     recorder = _Recorder(model, graph, records, totals)
     try:  # eval: running statistics and dropout must not change while we only measure
@@ -384,14 +386,17 @@ def accumulate(
                 inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 batch = inputs.shape[0]
                 loss = loss_fn(model(inputs), targets)
-                wanted = [gate for _, gate, _ in recorder.taps] + [p for ps in params for p in ps]
+                wanted = [gate for _, gate, _ in recorder.taps] + params
                 grads = list(torch.autograd.grad(loss * batch, wanted, allow_unused=True)) if wanted else []
                 if "gates" in records:
                     recorder.add_taylor(grads[:len(recorder.taps)], batch, device)
-                _add_weight_taylor(totals, model, slots, params, grads[len(wanted) - sum(map(len, params)):], batch, recorder)
+                if weights:
+                    weights.add(grads[len(wanted) - len(params):])
                 examples += batch
     finally:
         recorder.remove()
+    if weights:
+        totals.update(weights.totals(graph.num_units))
     if examples == 0:
         raise ValueError("the loader gave no batches to rank with")
     sums = Sums(totals, torch.tensor(float(examples), dtype=torch.float64, device=device))
@@ -401,21 +406,59 @@ def accumulate(
     return {name: c.scores(model, graph, sums, combine) for name, c in chosen.items()}
 
 
-def _add_weight_taylor(totals: dict, model: nn.Module, slots: list[Slot], params: list[list[torch.Tensor]], grads: list,
-                       batch: int, recorder: _Recorder) -> None:
-    """Add |sum over each filter of w * dL/dw| (the batch-mean loss) times the batch size, per slot."""
-    offset = 0
-    for slot, ps in zip(slots, params):
-        module = model.get_submodule(slot.module)
-        gs = grads[offset:offset + len(ps)]
-        offset += len(ps)
-        # grads are of the summed loss; / batch gives the usual mean-loss gradient.
-        product = _filter_sum(module, (p.detach() * g / batch for p, g in zip(ps, gs) if g is not None))
-        if isinstance(product, torch.Tensor):
-            positions, owner, _ = recorder.index(slot, product.device)
-            per_unit = torch.zeros_like(totals[f"tw:{slot.module}:{slot.role}"])
-            per_unit.index_add_(0, owner, product.double().index_select(0, positions))
-            totals[f"tw:{slot.module}:{slot.role}"] += per_unit.abs() * batch
+class _WeightTaylor:
+    """|sum over each filter of w * dL/dw| per slot and unit, added up over batches.
+
+    All slots are summed at once (per-layer work on the host cost 2.4-3.2x a training step on an
+    H200): one fused product-and-sum per parameter, then index_add into a flat vector of
+    (slot, unit) pairs.
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, device: torch.device) -> None:
+        self.slots = _weight_slots(graph)
+        self.params, self.modules, entries = [], [], []
+        self.units: list[torch.Tensor] = []  # per slot: the units it holds, in pair order
+        positions, pairs, offset, count = [], [], 0, 0
+        for slot in self.slots:
+            module = model.get_submodule(slot.module)
+            for param in _params(module):  # a weight's filter sums and a bias land on the same indices
+                self.params.append(param)
+                self.modules.append(module)
+                entries.append(torch.arange(offset, offset + len(slot.owner)))
+            owned = (slot.owner >= 0).nonzero().squeeze(1)
+            units, pair = slot.owner[owned].unique(return_inverse=True)
+            positions.append(owned + offset)
+            pairs.append(pair + count)
+            self.units.append(units)
+            offset, count = offset + len(slot.owner), count + len(units)
+        self.width = offset
+        # index tensors go to the device once, whole, then are cut into per-parameter views
+        self.entries = list(torch.cat(entries).to(device).split([len(e) for e in entries])) if entries else []
+        self.units = list(torch.cat(self.units).to(device).split([len(u) for u in self.units])) if self.units else []
+        self.positions = torch.cat(positions).to(device) if positions else torch.zeros(0, dtype=torch.long, device=device)
+        self.pair = torch.cat(pairs).to(device) if pairs else torch.zeros(0, dtype=torch.long, device=device)
+        self.sums = torch.zeros(count, dtype=torch.float64, device=device)
+
+    def add(self, grads: list[torch.Tensor | None]) -> None:
+        """grads: of the batch's summed loss, one per parameter (None where unused)."""
+        used = [i for i, g in enumerate(grads) if g is not None]
+        if not used:
+            return
+        per_filter = torch.cat([_filter_dot(self.modules[i], self.params[i].detach(), grads[i]) for i in used]).double()
+        flat = torch.zeros(self.width, dtype=torch.float64, device=self.sums.device)
+        flat.index_add_(0, torch.cat([self.entries[i] for i in used]), per_filter)
+        per_pair = torch.zeros_like(self.sums).index_add_(0, self.pair, flat.index_select(0, self.positions))
+        self.sums += per_pair.abs()
+
+    def totals(self, num_units: int) -> dict[str, torch.Tensor]:
+        """The sums under Sums' keys: "tw:<module>:<role>" -> per-unit totals."""
+        out, start = {}, 0
+        for slot, units in zip(self.slots, self.units):
+            per_unit = torch.zeros(num_units, dtype=torch.float64, device=self.sums.device)
+            per_unit[units] = self.sums[start:start + len(units)]
+            out[f"tw:{slot.module}:{slot.role}"] = per_unit
+            start += len(units)
+        return out
 
 
 def _len(loader) -> int | None:

@@ -267,6 +267,11 @@ class ChannelGraph:
             return self._channel_layer(name, x_lab, value)
         if isinstance(module, ops.NORMS + (nn.PReLU,) + ops.CHANNEL_WISE):
             return self._channel_wise(x_lab, value)
+        if isinstance(module, ops.SOFTMAX_MODULES):
+            dims = list(range(x_lab.dim())) if module.dim is None else [module.dim % x_lab.dim()]
+            if not self._across_pieces(x_lab, dims):
+                return self._skip(node, f"module '{name}' ({type(module).__name__})", "it normalises across channels", in_labels, value)
+            return x_lab
         if isinstance(module, ops.DATA_MOVEMENT_MODULES):
             if isinstance(module, nn.Unflatten) and ops.varies_along(x_lab, module.dim):
                 return self._skip(node, type(module).__name__, "it splits the channel axis", in_labels, value)
@@ -413,13 +418,36 @@ class ChannelGraph:
                     return self._skip(node, f"'{ops.name_of(fn)}'", "it cuts the channel axis at fixed positions", in_labels, value)
                 self._unite_strided(x_lab, pieces, d)  # equal pieces stay equal
             return call(*label_args, **label_kwargs)
+        if among(ops.SOFTMAXES, ops.SOFTMAX_METHODS):
+            if not self._across_pieces(in_labels[0], ops.softmax_dims(args, kwargs, in_labels[0].dim())):
+                return self._skip(node, f"'{ops.name_of(fn)}'", "it normalises across channels", in_labels, value)
+            return in_labels[0]
         if among(ops.REDUCTIONS, ops.REDUCTION_METHODS):
             dims = ops.reduced_dims(args, kwargs, in_labels[0].dim())
-            if any(ops.varies_along(in_labels[0], d) for d in dims):
+            if not self._across_pieces(in_labels[0], dims):
                 return self._skip(node, f"'{ops.name_of(fn)}'", "it reduces across channels", in_labels, value)
             keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
             return in_labels[0].amax(dim=tuple(dims), keepdim=keep) if dims else in_labels[0].amax()
         return self._skip(node, f"'{ops.name_of(fn)}'", "no channel mapping is known for it", in_labels, value)
+
+    def _across_pieces(self, x_lab: torch.Tensor, dims: list[int]) -> bool:
+        """Whether a sum, mean or softmax over `dims` survives pruning; unites what it needs.
+
+        Over axes the channels do not vary along, it acts per channel. Over an axis they do vary
+        along while another kept axis still carries channels (the paths of a stack, as in a
+        selective-kernel block: (batch, path, channel, h, w) summed over path), it combines
+        equal pieces position by position: index k of every piece goes together, so each piece
+        loses the same channels and what stays is computed as before. Over the only axis that
+        carries channels, it mixes channels, and removing one would change the rest.
+        """
+        varied = [d for d in dims if ops.varies_along(x_lab, d)]
+        if not varied:
+            return True
+        if not any(ops.varies_along(x_lab, d) for d in range(x_lab.dim()) if d not in dims):
+            return False
+        for d in varied:
+            self._uf.unite(x_lab, x_lab.narrow(d, 0, 1))
+        return True
 
     def _reshape(self, node: fx.Node, x_lab: torch.Tensor, value: torch.Tensor, is_method: bool) -> str | None:
         """Check a reshape survives pruning; say why not if it would not.

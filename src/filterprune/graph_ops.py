@@ -59,6 +59,9 @@ SPLITS = {torch.chunk, torch.split, torch.narrow, torch.tensor_split, torch.unbi
 SPLIT_METHODS = {"chunk", "split", "narrow", "tensor_split", "unbind"}
 REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
+SOFTMAXES = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
+SOFTMAX_METHODS = {"softmax", "log_softmax"}
+SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
 SHAPE_QUERIES = {builtins.getattr, builtins.len}
 
 # Functional layers, with the position of the argument that names their module's weight. A call
@@ -174,6 +177,12 @@ def equal_pieces(node: fx.Node, args, kwargs, size: int) -> int | None:
     if fn in {torch.split, "split"} and isinstance(written, fx.Node) and isinstance(n, int) and size % n == 0:
         return size // n
     return None
+
+
+def softmax_dims(args, kwargs, ndim: int) -> list[int]:
+    """The axis a softmax normalises over (every axis if none is given, which says nothing)."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return list(range(ndim)) if dim is None else [dim % ndim]
 
 
 def reduced_dims(args, kwargs, ndim: int) -> list[int]:

@@ -130,13 +130,13 @@ def profile(
     threads = threads or torch.get_num_threads()
     tensors, _ = state_tensors(model)
     times: dict[int, tuple[float, float]] = {}
-    layout = _layout(model)
+    layout, dtype = _layout(model), _float_dtype(model)
     with _measuring(model, device) as dev:
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            model(*_batch(inputs, 1, dev, layout))
+            model(*_batch(inputs, 1, dev, layout, dtype))
         if latency:
             for b in batch_sizes or default_batch_sizes(dev):
-                times[b] = _timed_ms(model, _batch(inputs, b, dev, layout), threads, min_run_time, cuda_graph)
+                times[b] = _timed_ms(model, _batch(inputs, b, dev, layout, dtype), threads, min_run_time, cuda_graph)
     params = list(model.parameters())
     dtype = params[0].dtype if params else inputs[0].dtype
     return Profile(
@@ -165,9 +165,9 @@ def latency_spread_ms(
 ) -> tuple[float, float]:
     """(median, interquartile range) in milliseconds of one forward pass of `model` on `inputs`
     (cuda_graph: replayed as a CUDA graph)."""
-    layout = _layout(model)
+    layout, dtype = _layout(model), _float_dtype(model)
     with _measuring(model, device) as dev:
-        batch = tuple(_placed(x, dev, layout) for x in _as_tuple(inputs))
+        batch = tuple(_placed(x, dev, layout, dtype) for x in _as_tuple(inputs))
         return _timed_ms(model, batch, threads or torch.get_num_threads(), min_run_time, cuda_graph)
 
 
@@ -229,14 +229,22 @@ def _as_tuple(inputs) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def _batch(inputs: tuple, size: int, device: torch.device, layout: torch.memory_format = torch.contiguous_format) -> tuple:
-    """A batch of `size` copies of the first example of each input (4-D ones in `layout`)."""
-    return tuple(_placed(x[:1].repeat(size, *[1] * (x.dim() - 1)), device, layout) for x in inputs)
+def _batch(inputs: tuple, size: int, device: torch.device, layout: torch.memory_format = torch.contiguous_format,
+           dtype: torch.dtype | None = None) -> tuple:
+    """A batch of `size` copies of the first example of each input, placed as `_placed` does."""
+    return tuple(_placed(x[:1].repeat(size, *[1] * (x.dim() - 1)), device, layout, dtype) for x in inputs)
 
 
-def _placed(x: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
-    """`x` on `device`, in `layout` if it is 4-D (an image batch)."""
-    return x.to(device, memory_format=layout) if x.dim() == 4 else x.to(device)
+def _placed(x: torch.Tensor, device: torch.device, layout: torch.memory_format, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`x` on `device`, in `layout` if it is 4-D (an image batch), and in `dtype` if it is floating
+    (a model cast to bfloat16 is timed on bfloat16 inputs, as it would be deployed)."""
+    dtype = dtype if dtype is not None and x.is_floating_point() else x.dtype
+    return x.to(device, dtype=dtype, memory_format=layout) if x.dim() == 4 else x.to(device, dtype=dtype)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating parameters (None if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _layout(model: nn.Module) -> torch.memory_format:

@@ -1,0 +1,48 @@
+"""The demo's speed-ups at 1 and at 2 threads: baseline against pruned, batch 1 and 64.
+
+    python benchmarks/bench_threads.py runs/bench_demo/seed0 runs/bench_demo/seed1 ...
+
+Each directory is a `filterprune demo` output (baseline.safetensors, pruned.safetensors). The two
+models are timed in turns, 3 rounds, at each thread count; each keeps its lowest median (with
+that timing's IQR), and the change goes through speed_change (inside the spreads: no
+measurable change). On a 2-core machine a 2-thread timing shares both cores with everything
+else that runs; a 1-thread one leaves a core free.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import filterprune as fp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="demo output directories")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print("| run | threads | batch 1 ms: baseline -> pruned | batch 1 | batch 64 ms: baseline -> pruned | batch 64 |")
+    print("|---|---|---|---|---|---|")
+    for run in args.runs:
+        models = {k: fp.load(f"{run}/{k}.safetensors") for k in ("baseline", "pruned")}
+        x = torch.randn(1, 3, 32, 32)
+        for threads in args.threads:
+            best: dict[tuple[str, int], tuple[float, float]] = {}
+            for _ in range(args.rounds):
+                for name, model in models.items():
+                    p = fp.profile(model, x, batch_sizes=(1, 64), threads=threads, min_run_time=1.0)
+                    for b in (1, 64):
+                        if p.latency_ms[b] < best.get((name, b), (float("inf"), 0.0))[0]:
+                            best[(name, b)] = (p.latency_ms[b], p.latency_iqr_ms[b])
+            cells = []
+            for b in (1, 64):
+                (t0, s0), (t1, s1) = best[("baseline", b)], best[("pruned", b)]
+                cells += [f"{t0:.2f} ({s0:.2f}) -> {t1:.2f} ({s1:.2f})", fp.speed_change(t0, t1, s0, s1)]
+            print(f"| {run} | {threads} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

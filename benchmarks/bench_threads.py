@@ -3,8 +3,9 @@
     python benchmarks/bench_threads.py runs/bench_demo/seed0 runs/bench_demo/seed1 ...
 
 Each directory is a `filterprune demo` output (baseline.safetensors, pruned.safetensors). The two
-models are timed in turns, 3 rounds, at each thread count; each keeps its lowest median (with
-that timing's IQR), and the change goes through speed_change (inside the spreads: no
+models are timed as the demo times them (recipes.demo.costs_in_turns: in turns, 3 rounds, each
+keeping its lowest median with that timing's IQR), at each thread count, and the change goes
+through speed_change (inside the spreads: no
 measurable change). On a 2-core machine a 2-thread timing shares both cores with everything
 else that runs; a 1-thread one leaves a core free.
 """
@@ -16,6 +17,7 @@ import argparse
 import torch
 
 import filterprune as fp
+from filterprune.recipes.demo import costs_in_turns
 
 
 def main() -> None:
@@ -28,18 +30,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         models = {k: fp.load(f"{run}/{k}.safetensors") for k in ("baseline", "pruned")}
-        x = torch.randn(1, 3, 32, 32)
         for threads in args.threads:
-            best: dict[tuple[str, int], tuple[float, float]] = {}
-            for _ in range(args.rounds):
-                for name, model in models.items():
-                    p = fp.profile(model, x, batch_sizes=(1, 64), threads=threads, min_run_time=1.0)
-                    for b in (1, 64):
-                        if p.latency_ms[b] < best.get((name, b), (float("inf"), 0.0))[0]:
-                            best[(name, b)] = (p.latency_ms[b], p.latency_iqr_ms[b])
+            costs = costs_in_turns(models, torch.randn(1, 3, 32, 32), args.rounds, threads)
             cells = []
             for b in (1, 64):
-                (t0, s0), (t1, s1) = best[("baseline", b)], best[("pruned", b)]
+                (t0, s0), (t1, s1) = ((costs[k][f"latency_ms_b{b}"], costs[k][f"latency_iqr_ms_b{b}"]) for k in ("baseline", "pruned"))
                 cells += [f"{t0:.2f} ({s0:.2f}) -> {t1:.2f} ({s1:.2f})", fp.speed_change(t0, t1, s0, s1)]
             print(f"| {run} | {threads} | " + " | ".join(cells) + " |", flush=True)
 

@@ -137,16 +137,14 @@ def profile(
         if latency:
             for b in batch_sizes or default_batch_sizes(dev):
                 times[b] = _timed_ms(model, _batch(inputs, b, dev, layout, dtype), threads, min_run_time, cuda_graph)
-    params = list(model.parameters())
-    dtype = params[0].dtype if params else inputs[0].dtype
     return Profile(
-        params=sum(p.numel() for p in params),
+        params=sum(p.numel() for p in model.parameters()),
         size_mb=len(safetensors.torch.save(tensors)) / 1e6,
         macs=counter.get_total_flops() // 2,  # FlopCounterMode counts a multiply-add as 2 FLOPs
         latency_ms={b: median for b, (median, _) in times.items()},
         latency_iqr_ms={b: iqr for b, (_, iqr) in times.items()},
         device=str(dev),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype or inputs[0].dtype).removeprefix("torch."),
         threads=threads,
         form="CUDA graph" if cuda_graph else "eager",
     )

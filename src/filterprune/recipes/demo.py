@@ -177,15 +177,17 @@ def _accuracies(model: nn.Module, loaders: dict, progress: bool) -> dict:
     return {key: evaluate(model, loader, progress=progress)["accuracy"] for key, loader in loaders.items()}
 
 
-def _costs(models: dict[str, nn.Module], example: torch.Tensor, rounds: int = 3) -> dict[str, dict]:
-    """Size, MACs and latency of each model. The models are timed in turns, `rounds` times, and each
-    keeps its lowest median (with that timing's spread): load from elsewhere on the machine slows
-    a timing, it never speeds one up, so the lowest median is the least disturbed one."""
+def costs_in_turns(models: dict[str, nn.Module], example: torch.Tensor, rounds: int = 3,
+                   threads: int | None = None) -> dict[str, dict]:
+    """Size, MACs and latency at batch 1 and 64 of each model. The models are timed in turns,
+    `rounds` times, and each keeps its lowest median (with that timing's spread): load from
+    elsewhere on the machine slows a timing, it never speeds one up, so the lowest median is the
+    least disturbed one. threads: torch threads while timing (default: all)."""
     kept = ("size_mb", "params", "macs", "threads", "device", "dtype")
     costs: dict[str, dict] = {}
     for _ in range(rounds):
         for name, model in models.items():
-            prof = profile(model, example, batch_sizes=(1, 64), min_run_time=1.0).as_dict()
+            prof = profile(model, example, batch_sizes=(1, 64), threads=threads, min_run_time=1.0).as_dict()
             cost = costs.setdefault(name, {**{k: prof[k] for k in kept},
                                            "timing": f"the lowest of {rounds} medians (the models timed in turns)"})
             for b in (1, 64):
@@ -241,7 +243,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Pat
     pruned, run_log = prune_iteratively(model, example, train_loader, val_loader, schedule, rank_loader=rank_loader,
                                         ignore=list(config.ignore), checkpoint_dir=out / "checkpoint", device="cpu",
                                         progress=progress, log_fn=log)
-    costs = _costs({"baseline": unpruned, "control": control, "pruned": pruned}, example)
+    costs = costs_in_turns({"baseline": unpruned, "control": control, "pruned": pruned}, example)
     baseline, control_summary = {**baseline, **costs["baseline"]}, {**control_summary, **costs["control"]}
     pruned_summary = {**_accuracies(pruned, loaders, progress), **costs["pruned"]}
     io.save(pruned, out / "pruned.safetensors", metadata={"accuracy": pruned_summary["accuracy"]})

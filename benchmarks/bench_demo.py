@@ -23,7 +23,8 @@ from filterprune.recipes.demo import TARGETS, DemoConfig, run_demo
 
 
 def overridden(item: str) -> tuple[str, object]:
-    """'final_epochs=24' -> ('final_epochs', 24), typed like DemoConfig's default for that field."""
+    """'final_epochs=24' -> ('final_epochs', 24), typed like DemoConfig's default for that field;
+    'ignore=classifier.6' -> a tuple (comma-separated), 'min_channels=classifier.0:128' -> a dict."""
     key, _, value = item.partition("=")
     defaults = {f.name: getattr(DemoConfig(), f.name) for f in dataclasses.fields(DemoConfig)}
     if key not in defaults or not value:
@@ -31,6 +32,10 @@ def overridden(item: str) -> tuple[str, object]:
     default = defaults[key]
     if isinstance(default, bool):
         return key, value.lower() in ("1", "true", "yes")
+    if isinstance(default, tuple):
+        return key, tuple(value.split(","))
+    if isinstance(default, dict):
+        return key, {name: int(n) for name, _, n in (pair.partition(":") for pair in value.split(","))}
     return key, type(default)(value) if isinstance(default, (int, float, str)) else value
 
 

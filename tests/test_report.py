@@ -101,6 +101,15 @@ def test_targets_met_and_missed_from_the_numbers(tmp_path):
     assert "lost 0.60 points — **MISSED**" in write_report(report, tmp_path)["markdown"].read_text()
 
 
+def test_a_drop_of_exactly_the_goal_is_met(tmp_path):
+    # 87.45% -> 86.45% on 2000 images: 0.0100000001 in floats, printed and judged as 1.00 points.
+    report = synthetic()
+    report["control"]["accuracy"], report["pruned"]["accuracy"] = 0.8745, 0.8645
+    assert 100 * (0.8745 - 0.8645) > 1.0
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    assert "- lose at most 1.0 accuracy points against the control: lost 1.00 points — **MET**" in md
+
+
 def test_without_control_blog_targets_and_optional_numbers(tmp_path):
     report = synthetic()
     for key in ("control", "reference", "targets", "task", "config", "skipped", "labels"):

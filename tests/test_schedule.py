@@ -438,6 +438,13 @@ def test_max_accuracy_drop_rolls_back_to_the_previous_iteration(latency_from_mac
         assert torch.equal(state[key], value), key
 
 
+def test_a_drop_of_exactly_max_accuracy_drop_is_kept(latency_from_macs):
+    scores = iter([0.8745, 0.8645, 0.8645])  # baseline, iteration 1 (-1 point, 1.0000000001 in floats), final
+    _, log = run(Schedule(criterion="l1", step=2, epochs=1, lr=0.05, max_iterations=1, max_accuracy_drop=1.0),
+                 evaluate_fn=lambda m: {"accuracy": next(scores)})
+    assert not log["iterations"][0].get("rejected") and log["stopped"] == "1 iterations done"
+
+
 @pytest.mark.parametrize("target, what", [("target_macs", "MACs reduction"), ("target_speedup", "measured speed-up")])
 def test_stops_at_the_first_iteration_that_meets_the_target(target, what, latency_from_macs):
     model, log = run(Schedule(criterion="l1", step=1, epochs=0, max_iterations=30, **{target: 1.3}))

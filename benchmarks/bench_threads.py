@@ -4,8 +4,8 @@
 
 Each directory is a `filterprune demo` output (baseline.safetensors, pruned.safetensors). The two
 models are timed as the demo times them (recipes.demo.costs_in_turns: in turns, 3 rounds, each
-keeping its lowest median with that timing's IQR), at each thread count, and the change goes
-through speed_change (inside the spreads: no
+keeping its lowest median with that timing's IQR), at each thread count, on inputs of the run's
+image size (its report.json), and the change goes through speed_change (inside the spreads: no
 measurable change). On a 2-core machine a 2-thread timing shares both cores with everything
 else that runs; a 1-thread one leaves a core free.
 """
@@ -13,6 +13,8 @@ else that runs; a 1-thread one leaves a core free.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 
@@ -30,8 +32,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         models = {k: fp.load(f"{run}/{k}.safetensors") for k in ("baseline", "pruned")}
+        size = json.loads(Path(run, "report.json").read_text())["config"]["image_size"]
         for threads in args.threads:
-            costs = costs_in_turns(models, torch.randn(1, 3, 32, 32), args.rounds, threads)
+            costs = costs_in_turns(models, torch.randn(1, 3, size, size), args.rounds, threads)
             cells = []
             for b in (1, 64):
                 (t0, s0), (t1, s1) = ((costs[k][f"latency_ms_b{b}"], costs[k][f"latency_iqr_ms_b{b}"]) for k in ("baseline", "pruned"))

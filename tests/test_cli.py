@@ -592,3 +592,70 @@ def test_vgg_classifier_is_ignored_unless_prune_linear():
     args = parse(["prune", "--data", "d", "--prune-linear"])
     assert cli._ignored(model, args) == []
     assert cli._ignored(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), parse(["prune", "--data", "d"])) == []
+
+
+# ---------------------------------------------------------------- issue 19: flags from Schedule, planned runs, validation
+
+def test_prune_flags_come_from_the_schedule_fields():
+    from dataclasses import fields
+
+    from filterprune.cli_args import parse
+    from filterprune.schedule import Schedule
+
+    assert cli._schedule(parse(["prune", "--data", "d"])) == Schedule()  # every default is Schedule's (--step 0.12, --lr 1e-3)
+    given = parse(["prune", "--data", "d", "--weight-decay", "5e-4", "--epochs-between", "3", "--iterations", "7", "--max-drop", "0.5",
+                   "--min-channels", "4", "--step", "16"])
+    schedule = cli._schedule(given)
+    assert (schedule.weight_decay, schedule.epochs, schedule.max_iterations, schedule.max_accuracy_drop, schedule.min_channels,
+            schedule.step) == (5e-4, 3, 7, 0.5, 4, 16)
+    helped = {f.name for f in fields(Schedule) if "help" in f.metadata}
+    assert helped == {f.name for f in fields(Schedule)} - {"metric", "seed"}  # those two: library only, and the common --seed
+
+
+def test_the_parser_imports_no_command_handlers():
+    code = "import sys, filterprune.cli_args as a; a.build_parser(); assert 'filterprune.cli' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_target_without_recipe_flags_plans_the_run():
+    from filterprune.cli_args import duration, parse
+
+    assert cli._planned(parse(["prune", "--data", "d", "--target-speedup", "3", "--max-drop", "1"]))
+    assert not cli._planned(parse(["prune", "--data", "d", "--target-speedup", "3", "--epochs-between", "2"]))  # a fixed recipe
+    assert not cli._planned(parse(["prune", "--data", "d"]))
+    assert (duration("20m"), duration("1.5h"), duration("90s"), duration("300")) == (1200, 5400, 90, 300)
+
+
+def test_budget_needs_a_planned_run(folders, capsys):
+    code, _, err = run(capsys, "prune", "--data", folders["with_test"], *TINY, "--budget", "5m", "--step", "0.2")
+    assert_one_line_error(code, err, "--budget is for a planned run")
+    with pytest.raises(SystemExit) as exit:  # argparse's own error
+        run(capsys, "prune", "--data", folders["with_test"], *TINY, "--budget", "soon")
+    assert exit.value.code == 2 and "must be a duration like 20m" in capsys.readouterr().err
+
+
+def test_planned_prune_chooses_on_validation_images_only(folders, trained, tmp_path, capsys, monkeypatch):
+    """A target and no recipe: the loop plans; every evaluation inside it is on validation images carved
+    from the training folder, the test images give only the report's headline, with the control."""
+    from filterprune import auto
+
+    seen, real = [], auto.evaluate
+
+    def spy(model, loader, *args, **kwargs):
+        seen.extend(str(path) for path, _ in loader.dataset.samples)
+        return real(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(auto, "evaluate", spy)
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "prune", "--data", folders["with_test"], "--model", trained, *FAST, "--target-macs", "1.3",
+                            "--max-drop", "100", "--max-epochs", "1", "--final-max-epochs", "1", "--patience", "1",
+                            "--val-fraction", "0.2", "--ignore", "classifier.0", "classifier.3", "--out", out)
+    assert code == 0, err
+    assert seen and all(f"{os.sep}train{os.sep}" in p for p in seen)  # never a test image
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"]["val_images"] == 3 and report["loop"]["evaluated_on"] == "3 validation images"
+    assert report["baseline"]["macs"] / report["pruned"]["macs"] >= 1.3 and "MACs reduction" in report["stopped"]
+    assert report["control"]["extra_epochs"] == sum(it["epochs"] for it in report["iterations"] if not it.get("rejected")) + 1
+    assert all("curve" in it and "why" in it for it in report["iterations"])
+    md = (out / "report.md").read_text()
+    assert "## Plan" in md and (out / "validation_curves.png").is_file()

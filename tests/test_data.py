@@ -337,3 +337,36 @@ def test_loaders_pin_memory_when_cuda_is_there_unless_told(monkeypatch):
     assert not make_loader(data, 2, shuffle=False, pin_memory=False).pin_memory
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not make_loader(data, 2, shuffle=False).pin_memory
+
+
+def test_validation_is_carved_from_training_images_never_test_images(tmp_path):
+    """Issue 19: the loop chooses and stops on validation images; those are training-split images held out
+    per class, reproducibly, and never test images (with a held-out test split or a test folder)."""
+    from filterprune.data import image_folder_splits
+
+    class_folders(tmp_path / "flat", n=20)
+    class_folders(tmp_path / "split" / "train", n=20)
+    class_folders(tmp_path / "split" / "test", n=4, start=100)
+    for root, per_class in ((tmp_path / "flat", 4), (tmp_path / "split", 5)):  # 25% of 16 (4 of 20 held out for testing), of 20
+        train, val, test, classes = image_folder_splits(root, size=16, test_fraction=0.2, val_fraction=0.25, seed=1)
+        paths = [{p for p, _ in d.samples} for d in (train, val, test)]
+        assert not paths[0] & paths[1] and not paths[1] & paths[2] and not paths[0] & paths[2]
+        assert sorted(classes[label] for _, label in val.samples) == ["cat"] * per_class + ["dog"] * per_class
+        assert image_folder_splits(root, size=16, test_fraction=0.2, val_fraction=0.25, seed=1)[1].samples == val.samples
+        assert image_folder_splits(root, size=16, test_fraction=0.2, val_fraction=0.25, seed=2)[1].samples != val.samples
+        # the test split is the one image_folder_datasets gives, with or without a validation split
+        assert test.samples == image_folder_datasets(root, size=16, test_fraction=0.2, seed=1)[1].samples
+
+
+def test_a_validation_folder_is_used_and_may_not_share_test_images(tmp_path):
+    from filterprune.data import image_folder_splits
+
+    class_folders(tmp_path / "train", n=6)
+    class_folders(tmp_path / "test", n=2, start=50)
+    class_folders(tmp_path / "mine", n=3, start=80)
+    train, val, test, _ = image_folder_splits(tmp_path, size=16, val_dir=tmp_path / "mine")
+    assert len(val) == 6 and len(train) == 12 and all("mine" in str(p) for p, _ in val.samples)
+    with pytest.raises(DataError, match="also test images"):
+        image_folder_splits(tmp_path, size=16, val_dir=tmp_path / "test")
+    with pytest.raises(DataError, match="validation folder .* not found"):
+        image_folder_splits(tmp_path, size=16, val_dir=tmp_path / "nowhere")

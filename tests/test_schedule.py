@@ -616,3 +616,110 @@ def test_a_resumed_run_distils_from_the_saved_teacher(latency_from_macs, tmp_pat
     resumed = go(2, tmp_path / "split", resume=True)
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+# ---------------------------------------------------------------- the planned loop (issue 19)
+
+def test_one_stopper_decides_stop_reason_and_roll_back():
+    from filterprune.schedule import decide
+
+    schedule = Schedule(target_macs=2.0, target_size=2.0, max_accuracy_drop=1.0, max_iterations=3, latency_batch=1)
+    base = {"accuracy": 0.8745, "macs": 100, "size_mb": 10.0, "latency_ms_b1": 1.0}
+    step = lambda acc, macs, size: {"accuracy": acc, "macs": macs, "size_mb": size, "latency_ms_b1": 1.0}  # noqa: E731
+    assert decide(schedule, base, None, 0) == (False, None, False)
+    assert decide(schedule, base, step(0.8645, 90, 9.0), 1) == (False, None, False)  # exactly the limit lost: kept
+    stop, reason, back = decide(schedule, base, step(0.86, 90, 9.0), 2)
+    assert stop and back and "lost more than 1.0 points" in reason
+    assert decide(schedule, base, step(0.87, 50, 9.0), 1).reason.startswith("MACs reduction 2.00x")  # the first target met
+    assert decide(schedule, base, step(0.87, 50, 9.0), 1, every=True) == (False, None, False)  # not all of them
+    assert "size reduction" in decide(schedule, base, step(0.87, 50, 5.0), 1, every=True).reason
+    assert decide(schedule, base, step(0.87, 90, 9.0), 3).reason == "3 iterations done"
+    assert decide(schedule, base, None, 1, removed=0).reason.startswith("nothing left to remove")
+
+
+def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_epoch():
+    from filterprune.train import fine_tune_to_plateau
+
+    model = nn.Linear(1, 1)
+    scores = iter([0.5, 0.6, 0.7, 0.65, 0.66, 0.69, 0.9])  # before, after epochs 1, 2, ...: epoch 2 is best, then 3 flat
+    history = fine_tune_to_plateau(model, lambda epoch: model.weight.data.fill_(epoch), lambda: next(scores), max_epochs=20, patience=3)
+    assert (history["epochs"], history["best_epoch"]) == (5, 2) and "plateau" in history["stopped"]
+    assert history["scores"] == [0.5, 0.6, 0.7, 0.65, 0.66, 0.69]
+    assert model.weight.item() == 2  # epoch 2's weights
+    capped = fine_tune_to_plateau(model, lambda epoch: None, iter([0.1, 0.2, 0.3, 0.4]).__next__, max_epochs=3, patience=3)
+    assert (capped["epochs"], capped["best_epoch"], capped["stopped"]) == (3, 3, "the cap of 3 epochs")
+
+
+def planned(schedule: Schedule, plan, evaluate_fn, trainer=None, clock=None):
+    from filterprune.auto import prune_auto
+
+    model, data = tiny()
+    loader = torch.utils.data.DataLoader(data, batch_size=6)
+    return prune_auto(model, data.tensors[0][:1], loader, loader, schedule, plan, evaluate_fn=evaluate_fn,
+                      trainer=trainer or (lambda m, epochs: lambda epoch: None), progress=False, log_fn=lambda line: None,
+                      ignore=["7"], **({"clock": clock} if clock else {}))
+
+
+def macs_of(model: nn.Module) -> int:
+    return fp.profile(model, torch.zeros(1, 3, 8, 8), latency=False).macs
+
+
+def test_a_step_that_cannot_recover_is_rolled_back_and_retried_smaller(latency_from_macs):
+    """The stubbed evaluation loses half the accuracy at 2.5x fewer MACs or more, against a 3x target: the
+    first step (3x, what the target needs) is rolled back and retried at its square root, which holds;
+    every later step that loses too much is retried likewise, and no model kept passes the limit."""
+    from filterprune.auto import Plan
+
+    base_macs = macs_of(tiny()[0])
+    accuracy = lambda m: {"accuracy": 1.0 if base_macs / macs_of(m) < 2.5 else 0.5}  # noqa: E731
+    model, log, control = planned(Schedule(criterion="l1", target_macs=3.0, max_accuracy_drop=10), Plan(first_step=4.0, max_epochs=2),
+                                  accuracy)
+    steps = log["iterations"]
+    assert steps[0]["asked_macs"] == 3.0 and steps[0]["rejected"] and "rolled back: lost 50.00 points (limit 10)" in steps[0]["why"]
+    assert steps[1]["asked_macs"] == pytest.approx(3 ** 0.5, abs=1e-3) and steps[1]["why"] == "kept"
+    for step, following in zip(steps, steps[1:]):
+        if step.get("rejected"):
+            assert following["asked_macs"] == pytest.approx(step["asked_macs"] ** 0.5, abs=1e-3)
+    assert all(s["accuracy"] == 1.0 for s in steps if not s.get("rejected"))
+    assert 1.7 <= base_macs / macs_of(model) < 2.5 and "smaller steps no longer help" in log["stopped"]
+    assert log["final"]["accuracy"] == 1.0 and control is not None
+    kept_epochs = sum(s["epochs"] for s in steps if not s.get("rejected"))
+    assert log["control"]["extra_epochs"] == kept_epochs + log["final_fine_tune"]["epochs"]
+
+
+def test_the_plan_ends_when_even_the_smallest_step_loses_too_much(latency_from_macs):
+    from filterprune.auto import Plan
+
+    base_macs = macs_of(tiny()[0])
+    accuracy = lambda m: {"accuracy": float(macs_of(m) == base_macs)}  # noqa: E731  (any pruning loses everything)
+    model, log, _ = planned(Schedule(criterion="l1", target_macs=3.0, max_accuracy_drop=1), Plan(first_step=1.5, min_step=1.1,
+                                                                                                 control=False), accuracy)
+    assert all(s["rejected"] for s in log["iterations"]) and "smaller steps no longer help" in log["stopped"]
+    assert macs_of(model) == macs_of(tiny()[0])  # the baseline's network, unpruned
+
+
+def test_the_time_budget_is_respected_and_what_it_cut_is_said(latency_from_macs):
+    """A fake clock: every epoch takes 10 s, and the validation score keeps improving (no plateau),
+    so only the 300 s budget stops the fine-tuning."""
+    from filterprune.auto import Plan
+
+    now = [0.0]
+    def trainer(model, epochs):
+        def epoch(i):
+            now[0] += 10.0
+        return epoch
+    _, log, control = planned(Schedule(criterion="l1", target_macs=3.0), Plan(first_step=1.2, max_epochs=100, final_max_epochs=100,
+                                                                              budget_s=300), lambda m: {"accuracy": now[0] / 1e4},
+                              trainer=trainer, clock=lambda: now[0])
+    assert now[0] <= 300 + 10  # an epoch begun before a deadline may end after it
+    assert any(s.startswith("more pruning") for s in log["gave_up"])
+    assert any(s.startswith("final fine-tuning: stopped by the budget") for s in log["gave_up"])
+    assert control is None and any(s.startswith("the control") for s in log["gave_up"])
+    assert log["seconds"]["fine_tune"] + log["seconds"]["final"] <= 300
+
+
+def test_prune_auto_needs_a_target():
+    from filterprune.auto import Plan
+
+    with pytest.raises(ValueError, match="plans from the targets"):
+        planned(Schedule(), Plan(), lambda m: {"accuracy": 1.0})

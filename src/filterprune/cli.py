@@ -18,6 +18,8 @@ line win. Errors about input are one line that says what to do, and exit with st
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -29,7 +31,7 @@ import torchvision
 from torch import nn
 
 from . import data, io, models
-from .cli_args import UsageError, parse
+from .cli_args import RECIPE, UsageError, dest, parse
 from .graph import GraphError
 from .checkpoint import CheckpointError
 from .checkpoint import load as load_checkpoint
@@ -95,22 +97,34 @@ def _submodule(model: nn.Module, name: str | None) -> nn.Module:
         raise UsageError(f"--module: {type(model).__name__} has no submodule {name!r}; its children are {children}") from err
 
 
+def _from_args(cls, args, empty: tuple[str, ...] = ()):
+    """A Schedule or auto.Plan of the parsed flags (cli_args.dataclass_options); a field in `empty` left
+    unset (None) takes its default."""
+    values = {f.name: getattr(args, dest(f)) for f in dataclasses.fields(cls) if "help" in f.metadata}
+    values = {k: v for k, v in values.items() if not (k in empty and v is None)}
+    return cls(**values, **({"seed": args.seed} if "seed" in {f.name for f in dataclasses.fields(cls)} else {}))
+
+
 def _schedule(args) -> Schedule:
     """The prune command's options as a Schedule."""
-    return Schedule(criterion=args.criterion, step=args.step, macs_step=args.macs_step, epochs=args.epochs_between, final_epochs=args.final_epochs,
-                    max_iterations=args.iterations, target_macs=args.target_macs, target_speedup=args.target_speedup,
-                    target_size=args.target_size, max_accuracy_drop=args.max_drop, lr=args.lr, optimizer=args.optimizer,
-                    distill=args.distill, temperature=args.temperature, amp=args.amp, channels_last=args.channels_last,
-                    flops_lambda=args.flops_lambda, latency_aware=args.latency_aware, latency_batch=args.latency_batch,
-                    round_to=args.round_to, normalize=args.normalize, min_channels=args.min_channels,
-                    rank_batches=args.rank_batches, seed=args.seed)
+    return _from_args(Schedule, args, RECIPE)
+
+
+def _planned(args) -> bool:
+    """Whether the loop plans the run: a target given and no fixed recipe's flag."""
+    targets = (args.target_macs, args.target_speedup, args.target_size)
+    recipe = [f for f in dataclasses.fields(Schedule) if f.name in RECIPE and getattr(args, dest(f)) is not None]
+    if args.budget is not None and (recipe or not any(t is not None for t in targets)):
+        raise UsageError("--budget is for a planned run: give a target (--target-speedup, --target-macs or --target-size) and none of "
+                         "--step, --macs-step, --epochs-between, --iterations, --final-epochs")
+    return any(t is not None for t in targets) and not recipe
 
 
 def _folders(args):
     train, test, classes = data.image_folder_datasets(args.data, size=args.size, test_fraction=args.test_fraction, seed=args.seed)
     loader = data.make_loader(train, args.batch_size, shuffle=True, seed=args.seed, num_workers=args.workers)
     test_loader = data.make_loader(test, args.batch_size, shuffle=False, num_workers=args.workers)
-    return train, loader, test_loader, classes
+    return loader, test_loader, classes
 
 
 def _train_new(model: nn.Module, args, loader, device: str) -> None:
@@ -135,7 +149,7 @@ def cmd_demo(args) -> int:
     from .report import headline_table
 
     config = DemoConfig.quick() if args.quick else DemoConfig()
-    config.seed = args.seed
+    config.seed, config.auto = args.seed, args.auto
     report = run_demo(args.out, config, cache=args.cache, progress=not args.quiet)
     print(headline_table(report))
     print(f"\nwall time {report['wall_s']:.0f} s; report: {report['paths']['markdown']}")
@@ -144,7 +158,7 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     device = _device(args.device)
-    train, loader, test_loader, classes = _folders(args)
+    loader, test_loader, classes = _folders(args)
     torch.manual_seed(args.seed)  # the same seed gives the same model
     model = _model_from_args(args, len(classes)).to(device)
     _example(model, args.size, device)
@@ -157,6 +171,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    from .auto import Plan, prune_auto
     from .distributed import setup
     from .report import headline_table, write_report
 
@@ -168,11 +183,18 @@ def cmd_prune(args) -> int:
             warnings.filterwarnings("ignore")
         device = ctx.device
         out = Path(args.out)
-        train, loader, test_loader, classes = _folders(args)
-        schedule = _schedule(args)
+        schedule, planned = _schedule(args), _planned(args)
+        if planned and (args.resume or many):
+            raise UsageError("a planned run (a target and no --step/--epochs-between...) is one process and starts over: "
+                             "drop --resume and torchrun, or give a fixed recipe")
+        train, val, test, classes = data.image_folder_splits(args.data, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
+                                                             val_fraction=args.val_fraction, val_dir=args.val)
+        loader = data.make_loader(train, args.batch_size, shuffle=True, seed=args.seed, num_workers=args.workers)
+        val_loader, test_loader = (data.make_loader(d, args.batch_size, shuffle=False, num_workers=args.workers) for d in (val, test))
         start = time.perf_counter()
         if args.resume:  # prune_iteratively resumes from the checkpoint; its model names the layers to ignore
             model, ignore = None, _ignored(load_checkpoint(out / "checkpoint")[0], args)
+            base_test = json.loads((out / "checkpoint" / "baseline_test.json").read_text())
         else:
             torch.manual_seed(args.seed)  # the same seed gives the same run
             model = _model_from_args(args, len(classes)).to(device)
@@ -185,26 +207,35 @@ def cmd_prune(args) -> int:
             if args.arch:  # a fresh torchvision model: train it on this data first, as the blog does
                 _train_new(model, args, loader, device)  # under torchrun: in every process alike, not sharded
             ctx.sync(model)  # every process starts from rank 0's weights
-        rank_train, _, _ = data.image_folder_datasets(args.data, size=args.size, test_fraction=args.test_fraction, seed=args.seed, augment=False)
+            # The test images are looked at only here and after pruning, never to choose or stop.
+            base_test = ctx.on_main(lambda: _test_summary(model, test_loader, device, args))
+            if ctx.is_main:
+                (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+                (out / "checkpoint" / "baseline_test.json").write_text(json.dumps(base_test))
+        rank_train = data.ImageFiles(train.samples, classes, data.eval_transform(args.size))
         if many:  # shard training (padded, shuffled per epoch) and ranking (each image once) over the processes
             loader = ctx.sharded_loader(train, args.batch_size, shuffle=True, seed=args.seed, num_workers=args.workers)
             rank_loader = ctx.sharded_loader(rank_train, args.batch_size, shuffle=False, num_workers=args.workers)
         else:
             rank_loader = data.make_loader(rank_train, args.batch_size, shuffle=False, num_workers=args.workers)
-        example = test_loader.dataset[0][0].unsqueeze(0).to(device)
-        pruned, log = prune_iteratively(model, example, loader, test_loader, schedule, rank_loader=rank_loader, ignore=ignore,
-                                        checkpoint_dir=out / "checkpoint", resume=args.resume, device=device, progress=not args.quiet,
-                                        log_fn=print if ctx.is_main else (lambda line: None), context=ctx)
+        example = test[0][0].unsqueeze(0).to(device)
+        quiet = dict(device=device, progress=not args.quiet, log_fn=print if ctx.is_main else (lambda line: None))
+        if planned:
+            pruned, log, control = prune_auto(model, example, loader, val_loader, schedule, _from_args(Plan, args),
+                                              rank_loader=rank_loader, ignore=ignore, **quiet)
+        else:
+            control = None
+            pruned, log = prune_iteratively(model, example, loader, val_loader, schedule, rank_loader=rank_loader, ignore=ignore,
+                                            checkpoint_dir=out / "checkpoint", resume=args.resume, context=ctx, **quiet)
         if not ctx.is_main:
             return 0
+        report = _prune_report(args, log, base_test, _test_summary(pruned, test_loader, device, args),
+                               control and _test_summary(control, test_loader, device, args), (train, val, test))
+        report["wall_s"] = round(time.perf_counter() - start, 1)
         # Two files change together: the model goes under a temporary name, renamed only after
         # the report is written, so a failure (a full disk) leaves the previous run's pair as it was.
         staged = io.save(pruned.cpu(), out / ".pruned.safetensors.new", metadata={"classes": classes, "image_size": args.size,
-                                                                                   "accuracy": log["final"]["accuracy"]})
-        report = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "baseline": log["baseline"], "pruned": log["final"],
-                  "channels_before": log["channels_before"], "iterations": log["iterations"], "stopped": log["stopped"],
-                  "skipped": log["skipped"],
-                  "wall_s": round(time.perf_counter() - start, 1)}
+                                                                                   "accuracy": report["pruned"]["accuracy"]})
         try:
             paths = write_report(report, out)
             os.replace(staged, out / "pruned.safetensors")
@@ -217,11 +248,42 @@ def cmd_prune(args) -> int:
         ctx.teardown()
 
 
+def _test_summary(model: nn.Module, loader, device: str, args) -> dict:
+    result = evaluate(model, loader, device=device, progress=not args.quiet)
+    return {"accuracy": result["accuracy"], "loss": result["loss"]}
+
+
+def _prune_report(args, log: dict, base_test: dict, pruned_test: dict, control_test: dict | None, splits) -> dict:
+    """report.json of a prune run: the headline on the test images, the loop's own numbers (on the
+    validation images) under "loop" and in the iterations."""
+    train, val, test = splits
+
+    def summary(loop_summary: dict, on_test: dict) -> dict:
+        return {**loop_summary, "val_accuracy": loop_summary["accuracy"], **on_test}
+
+    s = log["schedule"]
+    batch = s["latency_batch"]
+    targets = {"macs": s["target_macs"], "size": s["target_size"], f"latency_b{batch}": s["target_speedup"],
+               "max_accuracy_drop_points": s["max_accuracy_drop"]}
+    report = {"config": {k: v for k, v in vars(args).items()}, "baseline": summary(log["baseline"], base_test),
+              "pruned": summary(log["final"], pruned_test), "channels_before": log["channels_before"], "iterations": log["iterations"],
+              "stopped": log["stopped"], "skipped": log["skipped"], "targets": {k: v for k, v in targets.items() if v is not None},
+              "task": {"train_images": len(train), "val_images": len(val), "test_images": len(test)},
+              "labels": {"val_accuracy": f"accuracy, {len(val)} validation images"},
+              "loop": {"baseline": log["baseline"], "final": log["final"], "evaluated_on": f"{len(val)} validation images"}}
+    if control_test is not None:
+        report["control"] = summary(log["control"], control_test)
+        report["loop"]["control_accuracy"] = log["control"]["accuracy"]
+    if "plan" in log:
+        report["plan"] = {k: log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune")}
+    return report
+
+
 def cmd_eval(args) -> int:
     device = _device(args.device)
     model = io.load(args.model).to(device)
     args.size = args.size or model.filterprune_metadata.get("image_size", 224)
-    _, _, test_loader, classes = _folders(args)
+    _, test_loader, classes = _folders(args)
     saved = model.filterprune_metadata.get("classes")
     if saved and saved != classes:
         raise UsageError(f"the model was trained on classes {saved} but {args.data} has {classes}")
@@ -306,6 +368,10 @@ def cmd_criteria(args) -> int:
     return 0
 
 
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "prune": cmd_prune, "eval": cmd_eval, "profile": cmd_profile, "export": cmd_export,
+            "predict": cmd_predict, "criteria": cmd_criteria}
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -328,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer()
             args = parse(sys.argv[1:] if argv is None else list(argv))
-            return args.func(args)
+            return COMMANDS[args.command](args)
     except OSError as err:  # a missing file; writing output: a full disk, no permission
         where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err) else ""
         print(f"filterprune: error: {_one_line(err)}{where}", file=sys.stderr)

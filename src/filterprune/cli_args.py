@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tomllib
+import typing
 from pathlib import Path
 
-from .criteria import CRITERIA
-from .pruner import NORMALIZE
+DESCRIPTION = "The `filterprune` command: the demo, and the same pipeline on your own model and image folders."
 
 
 class UsageError(ValueError):
@@ -50,102 +51,133 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--module", help="prune (or profile) only this submodule, e.g. features, or a detector's backbone")
 
 
-def _training_options(p: argparse.ArgumentParser, head_epochs: int, epochs: int) -> None:
+def _pretraining_options(p: argparse.ArgumentParser, head_epochs: int, epochs: int) -> None:
     p.add_argument("--head-epochs", type=int, default=head_epochs, help="epochs training only the new head (blog: 20)")
     p.add_argument("--epochs", type=int, default=epochs, help="epochs training all layers before pruning")
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--amp", action="store_true", help="bf16 autocast while training and fine-tuning")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format while training and fine-tuning")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast while training")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format while training")
+
+
+def duration(text: str) -> float:
+    """'20m', '1.5h', '90s' or '300' (seconds) as seconds."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower(), None)
+    try:
+        value = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a duration like 20m, 1.5h, 90s or 300 (seconds), not {text!r}")
+    return value
+
+
+# A field's own parser where its type annotation does not say how to read it.
+_PARSERS = {"round_to": _round_to, "budget_s": duration}
+# The fixed recipe's fields: given none of them, a prune with a target plans its own steps (auto.Plan).
+RECIPE = ("step", "macs_step", "epochs", "final_epochs", "max_iterations")
+
+
+def _plain(hint) -> type:
+    """The type a flag's text is read as: `float | None` -> float, `int | dict` -> int."""
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_args(hint) else hint
+
+
+def dest(field: dataclasses.Field) -> str:
+    """The attribute of the parsed arguments that holds `field` (its flag's name: epochs -> epochs_between)."""
+    return (field.metadata["flag"] or field.name).lstrip("-").replace("-", "_")
+
+
+def dataclass_options(p: argparse.ArgumentParser, cls: type, empty: tuple[str, ...] = ()) -> None:
+    """One flag per field of `cls` that has help (schedule._option): its name, type, default, choices and
+    help come from the field. Fields in `empty` default to None (the field's default is filled in later),
+    so that a run can tell whether they were given."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        shown = "" if f.default is None else f" (default {f.default})"
+        if hints[f.name] is bool:  # --amp; or, on by default, --control and --no-control
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            p.add_argument(flag, dest=dest(f), action=action, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, dest=dest(f), type=_PARSERS.get(f.name, _plain(hints[f.name])), choices=f.metadata["choices"],
+                           default=None if f.name in empty else f.default, help=f.metadata["help"] + shown)
 
 
 def _prune_options(p: argparse.ArgumentParser) -> None:
+    from .auto import Plan
+    from .schedule import Schedule
+
     p.add_argument("--out", default="runs/prune")
-    p.add_argument("--criterion", default="taylor", choices=CRITERIA)
-    p.add_argument("--step", type=float, default=512, help="channels per iteration: a count, or a fraction (<1) of the original channels")
-    p.add_argument("--macs-step", type=float,
-                   help="instead of --step: each iteration cuts MACs by this factor (e.g. 1.5), rounding included")
-    p.add_argument("--epochs-between", type=int, default=10)
-    p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--final-epochs", type=int, default=0)
-    p.add_argument("--target-macs", type=float, help="stop once MACs are this many times fewer")
-    p.add_argument("--target-speedup", type=float, help="stop once measured latency (at --latency-batch) is this many times lower")
-    p.add_argument("--target-size", type=float, help="stop once the model is this many times smaller on disk")
-    p.add_argument("--max-drop", type=float, help="stop before losing more than this many accuracy points")
-    p.add_argument("--flops-lambda", type=float, default=0.0, help="FLOPs regularisation (paper: 1e-3)")
-    p.add_argument("--latency-aware", action="store_true", help="regularise by measured latency per channel instead of MACs")
-    p.add_argument("--round-to", type=_round_to, default="auto",
-                   help="keep channel counts at multiples of this (default auto: 8 on CUDA, 1 on the CPU)")
-    p.add_argument("--normalize", default="mean", choices=NORMALIZE,
-                   help="how scores of different layers are made comparable (default mean: each layer's scores divided by "
-                        "their mean, size-neutral; l2: the paper's per-layer L2 norm; macs: mean, then per MAC a channel costs)")
-    p.add_argument("--latency-batch", type=int,
-                   help="batch size of the measured latency (targets, --latency-aware; default 64 on a GPU, 1 on the CPU)")
-    p.add_argument("--min-channels", type=int, default=1)
-    p.add_argument("--rank-batches", type=int, help="rank on at most this many batches")
+    dataclass_options(p, Schedule, empty=RECIPE)
+    dataclass_options(p, Plan)
+    p.add_argument("--val", help="folder of validation images (like --data's); default: --val-fraction of the training images")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of each class's training images kept aside for the loop's evaluations (default 0.1)")
     p.add_argument("--ignore", nargs="*", default=[], help="module names whose outputs are never pruned")
     p.add_argument("--prune-linear", action="store_true",
                    help="also prune the hidden units of a VGG classifier (by default, as in the blog, conv filters only)")
-    p.add_argument("--distill", type=float, default=0.0,
-                   help="weight of distillation from the unpruned model while fine-tuning (0: off; Hinton et al. 2015)")
-    p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of --distill")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (a fixed recipe's run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import __doc__ as doc, cmd_criteria, cmd_demo, cmd_eval, cmd_export, cmd_predict, cmd_profile, cmd_prune, cmd_train
-
-    parser = argparse.ArgumentParser(prog="filterprune", description=doc.split("\n\n")[0])
+    """The parser of every command; args.command names the command (cli.py's COMMANDS runs it)."""
+    parser = argparse.ArgumentParser(prog="filterprune", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+    def command(name: str, help: str) -> argparse.ArgumentParser:
         # No abbreviations: a config file's "siz" must be an unknown option, not --size.
-        p = sub.add_parser(name, help=help, allow_abbrev=False)
-        p.set_defaults(func=func)
-        return p
+        return sub.add_parser(name, help=help, allow_abbrev=False)
 
-    p = command("demo", cmd_demo, "the blog's experiment on Fashion-MNIST (the main job)")
+    p = command("demo", "the blog's experiment on Fashion-MNIST (the main job)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="small subsets, about a minute (CI's smoke test)")
+    p.add_argument("--auto", action="store_true", help="the same targets, the steps and fine-tuning planned by the loop (auto.Plan)")
     p.add_argument("--cache", help="where the pretrained network is cached (default ~/.cache/filterprune)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
-    p = command("train", cmd_train, "train a model on an image folder")
+    p = command("train", "train a model on an image folder")
     _common(p)
     _model_options(p)
-    _training_options(p, head_epochs=20, epochs=0)
+    _pretraining_options(p, head_epochs=20, epochs=0)
+    _training_options(p)
     p.add_argument("--out", default="model.safetensors")
 
-    p = command("prune", cmd_prune, "iteratively prune and fine-tune (the blog's recipe by default)")
+    p = command("prune", "iteratively prune and fine-tune: planned from the targets, or a fixed recipe (--step, --epochs-between...)")
     _common(p)
     _model_options(p)
-    _training_options(p, head_epochs=20, epochs=0)
+    _pretraining_options(p, head_epochs=20, epochs=0)
     _prune_options(p)
 
-    p = command("eval", cmd_eval, "accuracy of a saved model on an image folder's test split")
+    p = command("eval", "accuracy of a saved model on an image folder's test split")
     _common(p)
     p.set_defaults(size=None)
     p.add_argument("--model", required=True)
 
-    p = command("profile", cmd_profile, "parameters, size, MACs and measured latency")
+    p = command("profile", "parameters, size, MACs and measured latency")
     _common(p, data_needed=False)
     _model_options(p)
     p.add_argument("--size", type=int)
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--cuda-graph", action="store_true", help="time the forward replayed as a CUDA graph (needs --device cuda)")
 
-    p = command("export", cmd_export, "export a saved model to ONNX")
+    p = command("export", "export a saved model to ONNX")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int)
 
-    p = command("predict", cmd_predict, "classify images with a saved model")
+    p = command("predict", "classify images with a saved model")
     p.add_argument("--model", required=True)
     p.add_argument("--size", type=int)
     p.add_argument("images", nargs="+")
 
-    p = command("criteria", cmd_criteria, "every criterion against the oracle of 1611.06440 (its Table 1), on held-out images")
+    p = command("criteria", "every criterion against the oracle of 1611.06440 (its Table 1), on held-out images")
     _common(p, data_needed=False)
     p.add_argument("--model", help="a saved filterprune model (default: the demo's transferred network)")
     p.add_argument("--data", help="image folder whose held-out split is used (default for the demo's network: its 400 held-out images)")

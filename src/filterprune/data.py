@@ -99,14 +99,16 @@ def _scan(folder: Path) -> dict[str, list[Path]]:
 
 
 def _hold_out(name: str, files: list[Path], fraction: float, seed: int,
-              base: Path) -> tuple[list[Path], list[Path]]:
+              base: Path, purpose: str = "test") -> tuple[list[Path], list[Path]]:
     if len(files) < 2:
         raise DataError(f"class {name!r} has only 1 usable image ({files[0]}): need 2 or more "
-                        "per class to hold some out for testing, or add a test folder")
+                        f"per class to hold some out for {'testing' if purpose == 'test' else purpose}, or add a {purpose} folder")
     # Rank by a seeded hash of the relative path: independent of directory listing order and of
     # where the folder lives, and adding a file barely moves the others between train and test.
+    # Validation is drawn with another salt, so it is not the next images of the test ranking.
+    salt = f"{seed}" if purpose == "test" else f"{purpose}/{seed}"
     ranked = sorted(files, key=lambda p: hashlib.sha256(
-        f"{seed}/{p.relative_to(base).as_posix()}".encode()).digest())
+        f"{salt}/{p.relative_to(base).as_posix()}".encode()).digest())
     n_test = min(max(round(fraction * len(files)), 1), len(files) - 1)
     return sorted(ranked[n_test:]), sorted(ranked[:n_test])
 
@@ -130,9 +132,21 @@ class ImageFiles(Dataset):
 
 def image_folder_datasets(root: str | Path, size: int = 224, test_fraction: float = 0.2,
                           seed: int = 0, augment: bool = True) -> tuple[Dataset, Dataset, list[str]]:
-    """Return (train, test, class names) from a folder of labelled images.
+    """Return (train, test, class names) from a folder of labelled images: image_folder_splits
+    without a validation split."""
+    train, _, test, classes = image_folder_splits(root, size, test_fraction, seed, augment, val_fraction=0.0)
+    return train, test, classes
 
-    Layouts: one sub-folder per class (root/train/<class>/, with an optional root/test/<class>/
+
+def image_folder_splits(root: str | Path, size: int = 224, test_fraction: float = 0.2, seed: int = 0,
+                        augment: bool = True, val_fraction: float = 0.1,
+                        val_dir: str | Path | None = None) -> tuple[Dataset, Dataset | None, Dataset, list[str]]:
+    """Return (train, validation, test, class names) from a folder of labelled images.
+
+    Validation images, for choosing and stopping (never the test images): the folder `val_dir`
+    (the same layouts; an image also among the test images is an error), else `val_fraction` of
+    each class's training images (after the test images are held out), chosen by `seed`; None
+    when val_fraction is 0. Layouts: one sub-folder per class (root/train/<class>/, with an optional root/test/<class>/
     or root/val/<class>/; or root/<class>/), or Kaggle Dogs-vs-Cats flat files named
     <class>.<id>.<ext> (root/train/cat.0.jpg, or root/cat.0.jpg). Without a test or val folder,
     `test_fraction` of each class is held out, chosen by `seed`. Unreadable files are skipped
@@ -172,13 +186,40 @@ def image_folder_datasets(root: str | Path, size: int = 224, test_fraction: floa
     if test_dir is None:
         for name in classes:
             train[name], test[name] = _hold_out(name, train[name], test_fraction, seed, train_dir)
+    val = _validation(train, test, classes, val_fraction, val_dir, seed, train_dir)
 
     def dataset(found: dict[str, list[Path]], transform: v2.Transform) -> ImageFiles:
         samples = [(p, label) for label, name in enumerate(classes) for p in found.get(name, [])]
         return ImageFiles(samples, classes, transform)
 
     train_steps = train_transform(size) if augment else eval_transform(size)
-    return dataset(train, train_steps), dataset(test, eval_transform(size)), classes
+    return (dataset(train, train_steps), None if val is None else dataset(val, eval_transform(size)),
+            dataset(test, eval_transform(size)), classes)
+
+
+def _validation(train: dict[str, list[Path]], test: dict[str, list[Path]], classes: list[str], fraction: float,
+                folder: str | Path | None, seed: int, base: Path) -> dict[str, list[Path]] | None:
+    """The validation files by class: `folder`'s, or `fraction` of `train`'s (taken out of `train`)."""
+    if folder is not None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"validation folder {folder} not found: pass a folder of images by class, like the training folder's")
+        val = _scan(folder)
+        if unknown := sorted(set(val) - set(classes)):
+            raise DataError(f"validation classes {unknown} in {folder} have no training images: use the training folder's class names")
+        tested = {p.resolve() for files in test.values() for p in files}
+        if shared := [p for files in val.values() for p in files if p.resolve() in tested]:
+            raise DataError(f"{len(shared)} validation images are also test images (e.g. {shared[0]}): "
+                            "validation must be other images than the test's")
+        return val
+    if fraction == 0:
+        return None
+    if not 0 < fraction < 1:
+        raise DataError(f"the validation fraction must be between 0 and 1 (exclusive), got {fraction}")
+    val = {}
+    for name in classes:
+        train[name], val[name] = _hold_out(name, train[name], fraction, seed, base, purpose="validation")
+    return val
 
 
 _FINISH = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

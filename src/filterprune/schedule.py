@@ -11,19 +11,26 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
 
 from . import checkpoint
+from .criteria import CRITERIA
 from .distributed import Context
 from .measure import deployment_batch, latency_ms, profile, speed_change
-from .pruner import Pruner
+from .pruner import NORMALIZE, Pruner
 from .surgery import remove_units
 from .train import evaluate, fine_tune
+
+
+def _option(default, help: str, flag: str | None = None, choices: tuple | None = None):
+    """A field whose command-line flag (cli_args) is derived from it: --name-with-dashes unless `flag`
+    (an older name kept), with this help and, where given, these choices."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
 @dataclass
@@ -43,32 +50,36 @@ class Schedule:
     at latency_batch, and use that in place of MACs in the regularisation (flops_lambda).
     """
 
-    criterion: str = "taylor"
-    step: float = 0.12
-    macs_step: float | None = None
-    epochs: int = 10
-    final_epochs: int = 0
-    max_iterations: int | None = 5
-    target_macs: float | None = None
-    target_speedup: float | None = None
-    target_size: float | None = None
-    max_accuracy_drop: float | None = None
-    metric: str = "accuracy"
-    lr: float = 1e-3
-    optimizer: str = "sgd"
-    weight_decay: float = 0.0
-    distill: float = 0.0
-    temperature: float = 4.0
-    amp: bool = False
-    channels_last: bool = False
-    flops_lambda: float = 0.0
-    latency_aware: bool = False
-    latency_batch: int | None = None  # None: 64 on a GPU, 1 on the CPU (measure.deployment_batch)
-    round_to: int | str = "auto"
-    normalize: str = "mean"
-    min_channels: int | dict = 1
-    rank_batches: int | None = None
-    seed: int = 0
+    criterion: str = _option("taylor", "how units are ranked", choices=CRITERIA)
+    step: float = _option(0.12, "units removed per iteration: a count, or a fraction (<1) of the original units")
+    macs_step: float | None = _option(None, "instead of --step: each iteration cuts MACs by this factor (e.g. 1.5), rounding included")
+    epochs: int = _option(10, "fine-tuning epochs after each iteration", flag="--epochs-between")
+    final_epochs: int = _option(0, "fine-tuning epochs after the last iteration")
+    max_iterations: int | None = _option(5, "stop after this many iterations", flag="--iterations")
+    target_macs: float | None = _option(None, "stop once MACs are this many times fewer")
+    target_speedup: float | None = _option(None, "stop once measured latency (at --latency-batch) is this many times lower")
+    target_size: float | None = _option(None, "stop once the model is this many times smaller on disk")
+    max_accuracy_drop: float | None = _option(None, "never keep a model more than this many accuracy points below the baseline "
+                                                    "(on the validation images)", flag="--max-drop")
+    metric: str = "accuracy"  # library only: the CLI's evaluation gives accuracy
+    lr: float = _option(1e-3, "learning rate of fine-tuning (and of training a fresh --arch first)")
+    optimizer: str = _option("sgd", "optimizer of fine-tuning", choices=("sgd", "adam"))
+    weight_decay: float = _option(0.0, "weight decay of fine-tuning")
+    distill: float = _option(0.0, "weight of distillation from the unpruned model while fine-tuning (0: off; Hinton et al. 2015)")
+    temperature: float = _option(4.0, "softmax temperature of --distill")
+    amp: bool = _option(False, "bf16 autocast while training and fine-tuning")
+    channels_last: bool = _option(False, "channels-last memory format while training and fine-tuning")
+    flops_lambda: float = _option(0.0, "FLOPs regularisation of the ranking (paper: 1e-3)")
+    latency_aware: bool = _option(False, "regularise by measured latency per channel instead of MACs")
+    latency_batch: int | None = _option(None, "batch size of the measured latency (targets, --latency-aware; "
+                                              "default 64 on a GPU, 1 on the CPU)")
+    round_to: int | str = _option("auto", "keep channel counts at multiples of this ('auto': 8 on CUDA, 1 on the CPU)")
+    normalize: str = _option("mean", "how scores of different layers are made comparable (mean: each layer's scores divided by "
+                                     "their mean, size-neutral; l2: the paper's per-layer L2 norm; macs: mean, then per MAC a "
+                                     "channel costs)", choices=NORMALIZE)
+    min_channels: int | dict = _option(1, "fewest channels kept in any layer")
+    rank_batches: int | None = _option(None, "rank on at most this many batches")
+    seed: int = 0  # the CLI's --seed, shared by every command
 
 
 def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", share: float = 0.25,
@@ -144,7 +155,9 @@ def prune_iteratively(
     log.setdefault("channels_before", {g.name: g.size for g in pruner.groups})
     log.setdefault("skipped", pruner.skipped)  # ops left out of pruning, and why: for the report
     step = int(schedule.step if schedule.step >= 1 else round(schedule.step * log["original_units"]))
-    while not (stop := _target_reached(schedule, log["baseline"], log["iterations"][-1] if log["iterations"] else None, iteration)):
+    last = log["iterations"][-1] if log["iterations"] else None
+    verdict = decide(schedule, log["baseline"], last, iteration)
+    while not verdict.stop:
         iteration += 1
         _seed(schedule, iteration, (train_loader, rank_loader))
         previous = copy.deepcopy(model) if schedule.max_accuracy_drop is not None else None
@@ -154,19 +167,19 @@ def prune_iteratively(
                   if schedule.macs_step else {"n": step})
         result = _prune_step(pruner, schedule, rank_loader or train_loader, loss_fn, ctx, device, progress, target)
         if result.count == 0:
-            stop = "nothing left to remove within the per-layer minimums"
+            verdict = decide(schedule, log["baseline"], None, iteration, removed=0)
             break
         train_loss = tune(model, schedule.epochs, f"iteration {iteration}")
         entry = {**measured(model), "iteration": iteration, "removed": result.count, "removed_per_group": result.removed_per_group,
                  "channels": result.channels, "check": result.check, "train_loss": train_loss}
         log["iterations"].append(entry)
         log_fn(_line(entry, log["baseline"], schedule))
-        if _lost_too_much(schedule, log["baseline"], entry):
+        verdict = decide(schedule, log["baseline"], entry, iteration)
+        if verdict.roll_back:
             model, entry["rejected"] = previous, True
-            stop = f"iteration {iteration} lost more than {schedule.max_accuracy_drop} points; kept iteration {iteration - 1}"
-            break
-        if folder is not None and ctx.is_main:
+        elif folder is not None and ctx.is_main:
             checkpoint.save(folder, model, log, iteration)
+    stop = verdict.reason
     log["stopped"] = stop
     if schedule.final_epochs:
         _seed(schedule, 10_000, (train_loader,))
@@ -245,10 +258,42 @@ def _measure(model: nn.Module, example, evaluation: dict, schedule: Schedule, de
     return {**evaluation, **{k: prof[k] for k in kept}}
 
 
-def _lost_too_much(schedule: Schedule, base: dict, entry: dict) -> bool:
-    # Rounded so that float noise cannot reject a drop of exactly the limit (0.8745 - 0.8645 > 0.01).
-    drop = round(100 * (base[schedule.metric] - entry[schedule.metric]), 9)
-    return schedule.max_accuracy_drop is not None and drop > schedule.max_accuracy_drop
+class Verdict(NamedTuple):
+    """decide()'s answer: whether the loop stops, why (None while it goes on), and whether the last
+    step is undone (it lost more than the accuracy limit)."""
+
+    stop: bool
+    reason: str | None
+    roll_back: bool
+
+
+def accuracy_drop(before: float, after: float) -> float:
+    """Percentage points lost from `before` to `after` (fractions), rounded so that float noise cannot
+    make a drop of exactly a limit exceed it (0.8745 - 0.8645 is 0.0100000001 in floats)."""
+    return round(100 * (before - after), 9)
+
+
+def within_drop(before: float, after: float, limit: float | None) -> bool:
+    """Whether going from `before` to `after` loses at most `limit` points (no limit: always)."""
+    return limit is None or accuracy_drop(before, after) <= limit
+
+
+def decide(schedule: Schedule, base: dict, last: dict | None, iteration: int, removed: int | None = None,
+           every: bool = False) -> Verdict:
+    """The one place that decides when pruning stops: `last` is the newest step's measurements (None
+    before the first), `removed` how many units that step could remove. In order: nothing left to
+    remove; more lost than schedule.max_accuracy_drop (roll that step back); a target reached (with
+    `every`, all of those set: auto.prune_auto's reading); max_iterations done."""
+    if removed == 0:
+        return Verdict(True, "nothing left to remove within the per-layer minimums", False)
+    if last is not None and not within_drop(base[schedule.metric], last[schedule.metric], schedule.max_accuracy_drop):
+        return Verdict(True, f"iteration {iteration} lost more than {schedule.max_accuracy_drop} points; kept iteration {iteration - 1}",
+                       True)
+    if last is not None and (reached := target_reached(schedule, base, last, every)):
+        return Verdict(True, reached, False)
+    if schedule.max_iterations is not None and iteration >= schedule.max_iterations:
+        return Verdict(True, f"{iteration} iterations done", False)
+    return Verdict(False, None, False)
 
 
 def _seed(schedule: Schedule, iteration: int, loaders: Iterable) -> None:
@@ -311,20 +356,24 @@ def _pruner(model: nn.Module, example_inputs, schedule: Schedule, ignore: Iterab
                   flops_lambda=schedule.flops_lambda, seed=schedule.seed)
 
 
-def _target_reached(schedule: Schedule, base: dict, last: dict | None, iteration: int) -> str | None:
-    if last is not None:
-        batch = f"latency_ms_b{schedule.latency_batch}"
-        checks = [
-            (schedule.target_macs, base["macs"] / last["macs"], "MACs reduction"),
-            (schedule.target_speedup, base[batch] / last[batch], "measured speed-up"),
-            (schedule.target_size, base["size_mb"] / last["size_mb"], "size reduction"),
-        ]
-        for target, reached, what in checks:
-            if target is not None and reached >= target:
-                return f"{what} {reached:.2f}x reached the target {target}x"
-    if schedule.max_iterations is not None and iteration >= schedule.max_iterations:
-        return f"{iteration} iterations done"
-    return None
+def _latency(entry: dict, batch: int) -> float:
+    """An entry's measured latency at `batch`, in ms (the one place that knows how it is stored)."""
+    return entry[f"latency_ms_b{batch}"]
+
+
+def target_reached(schedule: Schedule, base: dict, last: dict, every: bool = False) -> str | None:
+    """The first of schedule's targets that `last` meets against `base` (with `every`: all of them, once
+    all are met), in words; None if none (not all)."""
+    checks = [
+        (schedule.target_macs, base["macs"] / last["macs"], "MACs reduction"),
+        (schedule.target_speedup, _latency(base, schedule.latency_batch) / _latency(last, schedule.latency_batch), "measured speed-up"),
+        (schedule.target_size, base["size_mb"] / last["size_mb"], "size reduction"),
+    ]
+    checks = [(target, reached, what) for target, reached, what in checks if target is not None]
+    met = [f"{what} {reached:.2f}x reached the target {target:g}x" for target, reached, what in checks if reached >= target]
+    if not met or (every and len(met) < len(checks)):
+        return None
+    return "; ".join(met) if every else met[0]
 
 
 def _line(entry: dict, base: dict, schedule: Schedule) -> str:

@@ -4,6 +4,7 @@ a teacher (the unpruned model), bf16 autocast and channels_last."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -112,3 +113,31 @@ def fine_tune(model: nn.Module, loader: Iterable, epochs: int, lr: float = 1e-3,
                                    distill=distill, temperature=temperature, amp=amp, channels_last=channels_last))
         schedule.step()
     return history
+
+
+def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], score_fn: Callable[[], float], max_epochs: int,
+                         patience: int, deadline: float | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Early stopping: run epoch_fn(epoch) (one epoch of training, epochs counted from 1) at most
+    max_epochs times, scoring the model with score_fn() (higher is better) before the first and
+    after each; stop once `patience` epochs in a row did not beat the best score, or when clock()
+    reaches `deadline`. The model is left with its best epoch's weights and buffers (epoch 0: as it
+    came, if no epoch beat that). Returns {"scores": [epoch 0, 1, ...], "best_epoch", "epochs", "stopped"}."""
+    scores = [score_fn()]
+    best, best_state, stopped = 0, _copy_state(model), f"the cap of {max_epochs} epochs"
+    for epoch in range(1, max_epochs + 1):
+        if deadline is not None and clock() >= deadline:
+            stopped = "the time budget"
+            break
+        epoch_fn(epoch)
+        scores.append(score_fn())
+        if scores[-1] > scores[best]:
+            best, best_state = epoch, _copy_state(model)
+        elif epoch - best >= patience:
+            stopped = f"a plateau ({patience} epochs without a better score)"
+            break
+    model.load_state_dict(best_state)
+    return {"scores": scores, "best_epoch": best, "epochs": len(scores) - 1, "stopped": stopped}
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -29,6 +29,7 @@ from torch import nn
 from .. import io
 from ..data import make_loader
 from ..measure import profile
+from ..auto import Plan, prune_auto
 from ..schedule import Schedule, prune_iteratively
 from ..train import evaluate, fine_tune, make_optimizer, train_epoch
 from .fashion import FASHION_CLASSES, FashionSubset, balanced_indices, fashion_mnist
@@ -78,6 +79,9 @@ class DemoConfig:
     min_channels: dict[str, int] = field(default_factory=dict)  # group name -> fewest channels kept
     batch_size: int = 64
     seed: int = 0
+    # Instead of the recipe above (macs_step ... final_epochs): the loop plans its steps and fine-tuning
+    # from TARGETS (auto.prune_auto, its default Plan), and fine-tunes the control itself.
+    auto: bool = False
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -229,22 +233,25 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Pat
     log(f"baseline: {100 * baseline['accuracy']:.2f}% on {len(test_all)} test images of "
         f"{FASHION_CLASSES[PAIR[0]]} vs {FASHION_CLASSES[PAIR[1]]}")
 
-    extra_epochs = config.iterations * config.epochs_between + config.final_epochs
-    control = copy.deepcopy(model)
-    torch.manual_seed(config.seed + 1)
-    fine_tune(control, train_loader, extra_epochs, config.lr, "sgd", 5e-4, progress=progress, desc="control")
-    control_summary = _accuracies(control, loaders, progress)
-    log(f"control (unpruned, {extra_epochs} more epochs): {100 * control_summary['accuracy']:.2f}%")
-
-    schedule = Schedule(criterion=config.criterion, macs_step=config.macs_step, epochs=config.epochs_between,
-                        final_epochs=config.final_epochs, max_iterations=config.iterations, lr=config.lr,
-                        weight_decay=5e-4, normalize=config.normalize, distill=config.distill,
-                        flops_lambda=config.flops_lambda, latency_aware=config.latency_aware,
-                        min_channels=dict(config.min_channels) or 1, seed=config.seed)
-    # The loop evaluates on the validation split: the test images give only the final numbers below.
-    pruned, run_log = prune_iteratively(model, example, train_loader, val_loader, schedule, rank_loader=rank_loader,
-                                        ignore=list(config.ignore), checkpoint_dir=out / "checkpoint", device="cpu",
-                                        progress=progress, log_fn=log)
+    if config.auto:
+        pruned, run_log, control, extra_epochs = _planned(model, example, train_loader, val_loader, rank_loader, config, progress, log)
+        control_summary = _accuracies(control, loaders, progress)
+    else:
+        extra_epochs = config.iterations * config.epochs_between + config.final_epochs
+        control = copy.deepcopy(model)
+        torch.manual_seed(config.seed + 1)
+        fine_tune(control, train_loader, extra_epochs, config.lr, "sgd", 5e-4, progress=progress, desc="control")
+        control_summary = _accuracies(control, loaders, progress)
+        log(f"control (unpruned, {extra_epochs} more epochs): {100 * control_summary['accuracy']:.2f}%")
+        schedule = Schedule(criterion=config.criterion, macs_step=config.macs_step, epochs=config.epochs_between,
+                            final_epochs=config.final_epochs, max_iterations=config.iterations, lr=config.lr,
+                            weight_decay=5e-4, normalize=config.normalize, distill=config.distill,
+                            flops_lambda=config.flops_lambda, latency_aware=config.latency_aware,
+                            min_channels=dict(config.min_channels) or 1, seed=config.seed)
+        # The loop evaluates on the validation split: the test images give only the final numbers below.
+        pruned, run_log = prune_iteratively(model, example, train_loader, val_loader, schedule, rank_loader=rank_loader,
+                                            ignore=list(config.ignore), checkpoint_dir=out / "checkpoint", device="cpu",
+                                            progress=progress, log_fn=log)
     costs = costs_in_turns({"baseline": unpruned, "control": control, "pruned": pruned}, example)
     baseline, control_summary = {**baseline, **costs["baseline"]}, {**control_summary, **costs["control"]}
     pruned_summary = {**_accuracies(pruned, loaders, progress), **costs["pruned"]}
@@ -264,6 +271,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Pat
                  "evaluated_on": f"{len(sets['val'])} validation images"},
         "stopped": run_log["stopped"],
         "skipped": run_log["skipped"],
+        **({"plan": {k: run_log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune")}} if config.auto else {}),
         "labels": {"accuracy_800": f"accuracy, the blog's {len(test_blog)} test images",
                    "val_accuracy": f"accuracy, {len(sets['val'])} validation images"},
         "reference": BLOG,
@@ -272,6 +280,19 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Pat
     }
     report["paths"] = {k: str(v) for k, v in write_report(report, out).items()}
     return report
+
+
+def _planned(model: nn.Module, example, train_loader, val_loader, rank_loader, config: DemoConfig, progress: bool, log):
+    """The run planned from TARGETS: speed at batch 64 (the lower of the two speed-ups in the recipe's
+    runs), size, and the accuracy limit on the validation images; the demo's training settings (SGD at
+    config.lr, weight decay 5e-4, as in transfer()) and nothing of its pruning recipe."""
+    schedule = Schedule(target_speedup=TARGETS["latency_b64"], latency_batch=64, target_size=TARGETS["size"],
+                        max_accuracy_drop=TARGETS["max_accuracy_drop_points"], lr=config.lr, weight_decay=5e-4, seed=config.seed)
+    pruned, run_log, control = prune_auto(model, example, train_loader, val_loader, schedule, Plan(), rank_loader=rank_loader,
+                                          ignore=list(config.ignore), device="cpu", progress=progress, log_fn=log)
+    if control is None:
+        raise RuntimeError(f"the planned run skipped its control: {run_log['gave_up']}")
+    return pruned, run_log, control, run_log["control"]["extra_epochs"]
 
 
 def heldout_images(model: nn.Module, config: DemoConfig | None = None) -> FashionSubset | None:

@@ -1,0 +1,248 @@
+"""A pruning loop that plans its own steps and recovery from the targets (no step sizes or epochs).
+
+Each step asks for a MACs reduction: the first plan.first_step, later ones what the unmet targets
+still need (estimated from how each target has fallen with MACs so far), never more than the last
+step that held. After each step the network is fine-tuned until the validation score stops
+improving (early stopping; the learning rate's cosine restarts at every step) and keeps its best
+epoch. A step that cannot recover to within max_accuracy_drop of the baseline is rolled back and
+retried at the square root of its size; once that falls below plan.min_step the plan ends. The
+final fine-tune also runs to a plateau, and the control (the unpruned network fine-tuned for the
+same number of epochs) tells what those epochs alone give. A time budget is shared out between the
+steps, the final fine-tune and the control, and whatever it cut is listed in log["gave_up"].
+
+Stopping is schedule.decide's, with every target required (not the first one met).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .distributed import Context
+from .measure import deployment_batch
+from .schedule import (Schedule, _latency, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, check_reachable,
+                       decide)
+from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
+
+# Shares of a time budget, as the deadlines of each phase from the start (with, without the control):
+# the steps, then the final fine-tune; the control gets the rest, as long as the pruned network's
+# fine-tuning, at the unpruned network's (higher) cost per epoch.
+_STEPS_UNTIL, _FINAL_UNTIL = (0.45, 0.6), (0.7, 1.0)
+
+
+@dataclass
+class Plan:
+    """How prune_auto plans: early stopping of each fine-tune, step sizes, the time budget, the control."""
+
+    patience: int = _option(3, "epochs without a better validation score before a step's fine-tuning stops")
+    max_epochs: int = _option(10, "most fine-tuning epochs after a step")
+    final_patience: int = _option(5, "epochs without a better validation score before the final fine-tune stops")
+    final_max_epochs: int = _option(30, "most epochs of the final fine-tune")
+    first_step: float = _option(1.8, "MACs reduction of the first planned step (later: what the targets need, at most the last "
+                                     "step that held)")
+    min_step: float = _option(1.05, "the smallest step tried: when even a step this small loses too much, the plan ends")
+    speed_margin: float = _option(1.1, "aim this many times beyond --target-speedup: timings during a run are noisy")
+    budget_s: float | None = _option(None, "time for the whole planned run, e.g. 20m, 1.5h, 900s; the plan fits its "
+                                           "fine-tuning into it and says what it gave up", flag="--budget")
+    control: bool = _option(True, "also fine-tune the unpruned network for as many epochs, to compare against "
+                                  "(skipped when the budget does not allow it)")
+
+
+def prune_auto(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    train_loader: Iterable | None,
+    val_loader: Iterable | None,
+    schedule: Schedule,
+    plan: Plan | None = None,
+    *,
+    loss_fn: Callable = nn.functional.cross_entropy,
+    evaluate_fn: Callable[[nn.Module], dict] | None = None,
+    trainer: Callable[[nn.Module, int], Callable[[int], object]] | None = None,
+    rank_loader: Iterable | None = None,
+    ignore: Iterable[str] = (),
+    device: str = "cpu",
+    progress: bool = True,
+    log_fn: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[nn.Module, dict, nn.Module | None]:
+    """Prune `model` to schedule's targets (target_macs, target_speedup, target_size: all of those set)
+    within schedule.max_accuracy_drop, planning the steps and fine-tuning by `plan`.
+
+    Returns (pruned model, log, control): the log is prune_iteratively's (baseline, iterations, final,
+    stopped, ...) plus each step's plan (asked_macs, curve: the validation score per epoch, why) and
+    seconds per phase; control is the fine-tuned unpruned network, or None. Of schedule, the recipe
+    fields (step, macs_step, epochs, final_epochs, max_iterations) are not used. evaluate_fn(model) ->
+    dict with schedule.metric (default: accuracy on val_loader, which should be validation images).
+    trainer(model, epochs) -> a function training one epoch (its argument: the epoch, from 1) of a
+    fine-tune of at most `epochs` (default: train.train_epoch with a cosine learning rate over them).
+    """
+    plan = plan or Plan()
+    if schedule.target_macs is None and schedule.target_speedup is None and schedule.target_size is None:
+        raise ValueError("prune_auto plans from the targets: set target_macs, target_speedup or target_size")
+    # The loop aims beyond a speed target (noisy timings); the recipe's count of iterations does not apply.
+    aim = replace(schedule, max_iterations=None, latency_batch=schedule.latency_batch or deployment_batch(device),
+                  target_speedup=schedule.target_speedup and schedule.target_speedup * plan.speed_margin)
+    start, example, ignore = clock(), _to(example_inputs, device), list(ignore)
+    evaluate_fn = evaluate_fn or (lambda m: evaluate(m, val_loader, loss_fn, device=device, progress=False))
+    check_reachable(model, example, aim, ignore)
+    model.to(device)
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if aim.distill else None
+    unpruned = copy.deepcopy(model) if plan.control else None
+    trainer = trainer or _trainer(aim, train_loader, loss_fn, teacher, device, progress)
+    score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
+    deadline = _deadlines(plan, start)
+    pruner = _pruner(model, example, aim, ignore)
+    log = {"schedule": asdict(replace(schedule, latency_batch=aim.latency_batch)), "plan": asdict(plan), "baseline": _measure(model, example, evaluate_fn(model), aim, device),
+           "iterations": [], "gave_up": [], "original_units": sum(g.size for g in pruner.groups),
+           "channels_before": {g.name: g.size for g in pruner.groups}, "skipped": pruner.skipped,
+           "seconds": dict.fromkeys(("baseline", "prune", "fine_tune", "rolled_back", "final", "control"), 0.0)}
+    base = log["baseline"]
+    log["seconds"]["baseline"] = clock() - start
+    last, size, attempt, epochs = None, plan.first_step, 0, 0
+    while True:
+        if deadline["steps"] is not None and clock() >= deadline["steps"]:
+            log["gave_up"].append(f"more pruning: the budget's share for steps ({_STEPS_UNTIL[not plan.control]:.0%}) was spent "
+                                  f"after {attempt} steps")
+            stopped = "the time budget"
+            break
+        attempt += 1
+        wanted = _next_step(aim, plan, base, last, size)
+        _seed(aim, attempt, (train_loader, rank_loader))
+        previous, t0 = copy.deepcopy(model), clock()
+        pruner = _pruner(model, example, aim, ignore)
+        try:
+            result = _prune_step(pruner, aim, rank_loader or train_loader, loss_fn, Context(device=device), device, progress,
+                                 {"macs": wanted})
+        except ValueError:  # the per-layer minimums stop short of this step: take what they allow
+            result = pruner.prune(pruner.prunable())
+        if result.count == 0:
+            stopped = decide(aim, base, None, attempt, removed=0).reason
+            break
+        t1 = clock()
+        curve = fine_tune_to_plateau(model, trainer(model, plan.max_epochs), lambda: score(model), plan.max_epochs, plan.patience,
+                                     deadline["steps"], clock)
+        t2 = clock()
+        entry = {**_measure(model, example, evaluate_fn(model), aim, device), "iteration": attempt, "asked_macs": round(wanted, 4),
+                 "removed": result.count, "removed_per_group": result.removed_per_group, "channels": result.channels,
+                 "check": result.check, "curve": curve["scores"], "best_epoch": curve["best_epoch"], "epochs": curve["epochs"],
+                 "fine_tune_stopped": curve["stopped"], "seconds": {"prune": round(t1 - t0, 1), "fine_tune": round(t2 - t1, 1)}}
+        log["iterations"].append(entry)
+        log["seconds"]["prune"] += t1 - t0
+        log_fn(_line(entry, base, aim) + f"; asked {wanted:.2f}x fewer MACs, best of {curve['epochs']} epochs: {curve['best_epoch']}")
+        verdict = decide(aim, base, entry, attempt, every=True)
+        if verdict.roll_back:
+            model, entry["rejected"] = previous, True
+            log["seconds"]["rolled_back"] += t2 - t1
+            lost = accuracy_drop(base[aim.metric], entry[aim.metric])
+            smaller = math.sqrt(wanted)
+            entry["why"] = (f"rolled back: lost {lost:.2f} points (limit {aim.max_accuracy_drop}) after {curve['epochs']} epochs; "
+                            + (f"retrying a {smaller:.2f}x step" if smaller >= plan.min_step else "no smaller step left to try"))
+            log_fn(f"step {attempt} {entry['why']}")
+            if smaller < plan.min_step:
+                stopped = (f"a {wanted:.2f}x step lost more than {aim.max_accuracy_drop} points and one below {plan.min_step}x would be "
+                           "needed: smaller steps no longer help")
+                break
+            size = smaller
+            continue
+        log["seconds"]["fine_tune"] += t2 - t1
+        entry["why"] = "kept"
+        last, size, epochs = entry, min(size, wanted), epochs + curve["epochs"]
+        if verdict.stop:
+            stopped = verdict.reason
+            break
+    log["stopped"] = stopped
+    if last is None and attempt:
+        log_fn("no step held: the model is the baseline's")
+
+    t = clock()
+    _seed(aim, 10_000, (train_loader,))
+    final = fine_tune_to_plateau(model, trainer(model, plan.final_max_epochs), lambda: score(model), plan.final_max_epochs,
+                                 plan.final_patience, deadline["final"], clock)
+    log["seconds"]["final"] = clock() - t
+    if final["stopped"] == "the time budget":
+        log["gave_up"].append(f"final fine-tuning: stopped by the budget after {final['epochs']} of at most {plan.final_max_epochs} epochs")
+    epochs += final["epochs"]
+    log["final_fine_tune"] = final
+    log["final"] = _measure(model, example, evaluate_fn(model), aim, device)
+
+    control = _control(unpruned, log, epochs, plan, deadline["control"], aim, example, evaluate_fn, score, train_loader, loss_fn,
+                       device, progress, clock) if unpruned is not None else None
+    log["seconds"] = {k: round(v, 1) for k, v in log["seconds"].items()}
+    log["wall_s"] = round(clock() - start, 1)
+    return model, log, control
+
+
+def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: float | None, aim: Schedule, example, evaluate_fn,
+             score, train_loader, loss_fn, device: str, progress: bool, clock) -> nn.Module | None:
+    """The unpruned network fine-tuned for the `epochs` the pruned one kept (its best epoch kept alike),
+    if the budget leaves time for it: the estimate is the first step's seconds per epoch, scaled by MACs."""
+    kept = [it for it in log["iterations"] if not it.get("rejected")]
+    if deadline is not None and kept:
+        first = kept[0]
+        estimate = epochs * first["seconds"]["fine_tune"] / max(first["epochs"], 1) * log["baseline"]["macs"] / first["macs"]
+        if estimate > deadline - clock():
+            log["gave_up"].append(f"the control: {epochs} epochs of the unpruned network would take about {estimate:.0f} s and "
+                                  f"{max(deadline - clock(), 0):.0f} s of the budget were left")
+            return None
+    t = clock()
+    _seed(aim, 20_000, (train_loader,))
+    train = _trainer(aim, train_loader, loss_fn, None, device, progress)(unpruned, epochs)
+    curve = fine_tune_to_plateau(unpruned, train, lambda: score(unpruned), epochs, epochs + 1)
+    log["control"] = {**_measure(unpruned, example, evaluate_fn(unpruned), aim, device), "extra_epochs": epochs,
+                      "best_epoch": curve["best_epoch"], "curve": curve["scores"]}
+    log["seconds"]["control"] = clock() - t
+    return unpruned
+
+
+def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: float) -> float:
+    """The MACs reduction the next step asks for: what the unmet targets still need, at most `size`,
+    at least plan.min_step. A target's need is estimated from how it has fallen with MACs so far
+    (MACs reduction = its reduction ** k; k = 1 before there is evidence)."""
+    now = last or base
+    macs_done = base["macs"] / now["macs"]
+    needs = []
+    for target, reached in ((aim.target_macs, macs_done),
+                            (aim.target_speedup, _latency(base, aim.latency_batch) / _latency(now, aim.latency_batch)),
+                            (aim.target_size, base["size_mb"] / now["size_mb"])):
+        if target is None or reached >= target:
+            continue
+        k = math.log(macs_done) / math.log(reached) if macs_done > 1.05 and reached > 1.05 else 1.0
+        needs.append((target / reached) ** min(max(k, 0.5), 3.0))
+    return max(plan.min_step, min(size, max(needs, default=plan.min_step)))
+
+
+def _deadlines(plan: Plan, start: float) -> dict[str, float | None]:
+    if plan.budget_s is None:
+        return dict.fromkeys(("steps", "final", "control"))
+    share = int(not plan.control)  # index into the shares' (with, without the control) pairs
+    return {"steps": start + _STEPS_UNTIL[share] * plan.budget_s, "final": start + _FINAL_UNTIL[share] * plan.budget_s,
+            "control": start + plan.budget_s}
+
+
+def _trainer(aim: Schedule, loader, loss_fn: Callable, teacher: nn.Module | None, device: str, progress: bool):
+    """trainer(model, epochs): one epoch at a time of a fine-tune with a fresh optimizer and a cosine
+    learning rate over `epochs` (restarted by every call: every step)."""
+
+    def make(model: nn.Module, epochs: int) -> Callable[[int], float]:
+        if aim.channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model.parameters(), aim.optimizer, aim.lr, aim.weight_decay)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+
+        def one_epoch(epoch: int) -> float:
+            history = train_epoch(model, loader, optimizer, loss_fn, device, progress, desc=f"fine-tune {epoch}/{epochs}",
+                                  teacher=teacher, distill=aim.distill, temperature=aim.temperature, amp=aim.amp,
+                                  channels_last=aim.channels_last)
+            cosine.step()
+            return history["loss"]
+
+        return one_epoch
+
+    return make

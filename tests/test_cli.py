@@ -490,7 +490,7 @@ def test_internal_bugs_show_a_traceback(monkeypatch, trained):
     def broken(args):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(cli, "cmd_export", broken)
+    monkeypatch.setitem(cli.COMMANDS, "export", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["export", "--model", str(trained), "--out", "x.onnx"])
 

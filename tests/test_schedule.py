@@ -154,7 +154,8 @@ def test_killed_run_resumes_to_the_same_model(mode, when, setup, tmp_path, capsy
     ref_log, log = (json.loads((d / "report.json").read_text()) for d in (root / "reference", out))
     assert [it["channels"] for it in log["iterations"]] == [it["channels"] for it in ref_log["iterations"]]
     assert log["pruned"]["accuracy"] == ref_log["pruned"]["accuracy"]
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["model-003.safetensors", "state.json"]  # temporaries gone
+    # temporaries gone; baseline_test.json: the unpruned model's test accuracy, for the resumed run's report
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["baseline_test.json", "model-003.safetensors", "state.json"]
 
 
 def test_resume_reports_the_iteration_and_continues_the_log(setup, tmp_path, capsys):
@@ -393,7 +394,7 @@ class Counting:
 @pytest.fixture
 def latency_from_macs(monkeypatch):
     """Measured latency replaced by one proportional to MACs: fast and the same on any machine."""
-    from filterprune import schedule
+    from filterprune import auto, schedule
 
     real = schedule.profile
 
@@ -403,6 +404,7 @@ def latency_from_macs(monkeypatch):
         prof.latency_iqr_ms = {b: 0.0 for b in batch_sizes}
         return prof
     monkeypatch.setattr(schedule, "profile", profile)
+    monkeypatch.setattr(auto, "latency_ms", lambda model, inputs, **kw: len(inputs) * real(model, inputs[:1], latency=False).macs / 1e4)
 
 
 def run(schedule: Schedule, seed: int = 0, **kwargs):
@@ -723,3 +725,15 @@ def test_prune_auto_needs_a_target():
 
     with pytest.raises(ValueError, match="plans from the targets"):
         planned(Schedule(), Plan(), lambda m: {"accuracy": 1.0})
+
+
+def test_timing_in_turns_keeps_each_models_lowest_time(monkeypatch):
+    """Load only slows a timing: the planned loop keeps the baseline's and the step's lowest of the
+    timings taken side by side."""
+    from filterprune import auto
+
+    times = iter([5.0, 2.0, 4.0, 1.0, 6.0, 3.0])  # reference, model, reference, model, ...
+    monkeypatch.setattr(auto, "latency_ms", lambda model, inputs, **kw: next(times))
+    base, entry = {"latency_ms_b2": 10.0}, {"latency_ms_b2": 9.0}
+    auto._time_in_turns(base, entry, nn.Identity(), nn.Identity(), torch.zeros(1, 3), 2, "cpu")
+    assert (base["latency_ms_b2"], entry["latency_ms_b2"]) == (4.0, 1.0)

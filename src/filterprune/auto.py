@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .distributed import Context
-from .measure import deployment_batch
-from .schedule import (Schedule, _latency, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, check_reachable,
+from .measure import deployment_batch, latency_ms
+from .schedule import (Schedule, _latency, _line, _set_latency, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, check_reachable,
                        decide)
 from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
 
@@ -95,6 +95,7 @@ def prune_auto(
     model.to(device)
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if aim.distill else None
     unpruned = copy.deepcopy(model) if plan.control else None
+    reference = copy.deepcopy(model).eval()  # timed beside every step: see _time_in_turns
     trainer = trainer or _trainer(aim, train_loader, loss_fn, teacher, device, progress)
     score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
     deadline = _deadlines(plan, start)
@@ -133,6 +134,7 @@ def prune_auto(
                  "removed": result.count, "removed_per_group": result.removed_per_group, "channels": result.channels,
                  "check": result.check, "curve": curve["scores"], "best_epoch": curve["best_epoch"], "epochs": curve["epochs"],
                  "fine_tune_stopped": curve["stopped"], "seconds": {"prune": round(t1 - t0, 1), "fine_tune": round(t2 - t1, 1)}}
+        _time_in_turns(base, entry, reference, model, example, aim.latency_batch, device)
         log["iterations"].append(entry)
         log["seconds"]["prune"] += t1 - t0
         log_fn(_line(entry, base, aim) + f"; asked {wanted:.2f}x fewer MACs, best of {curve['epochs']} epochs: {curve['best_epoch']}")
@@ -171,9 +173,14 @@ def prune_auto(
     epochs += final["epochs"]
     log["final_fine_tune"] = final
     log["final"] = _measure(model, example, evaluate_fn(model), aim, device)
+    log_fn(f"final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}, stopped by {final['stopped']}), "
+           f"{aim.metric} {100 * log['final'][aim.metric]:.2f}%")
 
     control = _control(unpruned, log, epochs, plan, deadline["control"], aim, example, evaluate_fn, score, train_loader, loss_fn,
                        device, progress, clock) if unpruned is not None else None
+    if control is not None:
+        log_fn(f"control (unpruned, {epochs} epochs, best {log['control']['best_epoch']}): {aim.metric} "
+               f"{100 * log['control'][aim.metric]:.2f}%")
     log["seconds"] = {k: round(v, 1) for k, v in log["seconds"].items()}
     log["wall_s"] = round(clock() - start, 1)
     return model, log, control
@@ -199,6 +206,19 @@ def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: 
                       "best_epoch": curve["best_epoch"], "curve": curve["scores"]}
     log["seconds"]["control"] = clock() - t
     return unpruned
+
+
+def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, batch: int, device: str,
+                   rounds: int = 3) -> None:
+    """Time the unpruned `reference` and the pruned `model` in turns, `rounds` times, and keep each one's
+    lowest time in `base` and `entry` (the baseline's over all steps): load from elsewhere on the machine
+    only slows a timing, so the lowest is the least disturbed one, and side by side both see the same load."""
+    if not isinstance(example, torch.Tensor):
+        return
+    inputs = example[:1].expand(batch, *example.shape[1:]).contiguous()
+    for _ in range(rounds):
+        _set_latency(base, batch, min(_latency(base, batch), latency_ms(reference, inputs, device=device, min_run_time=0.3)))
+        _set_latency(entry, batch, min(_latency(entry, batch), latency_ms(model, inputs, device=device, min_run_time=0.3)))
 
 
 def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: float) -> float:

@@ -242,6 +242,9 @@ def _plan(report: dict) -> list[str]:
 def _markdown(report: dict, plots: dict[str, Path]) -> str:
     iterations = report.get("iterations", [])
     parts = ["# Pruning report", _summary(report), "## Headline", headline_table(report)]
+    if control := report.get("control"):  # what pruning cost, with what extra epochs alone give taken out
+        parts.insert(1, f"**Pruned - control: {_change('acc', control['accuracy'], report['pruned']['accuracy'])}** "
+                        f"({_rows(report)[0][1]}).")
     if targets := _targets(report):
         parts += ["## Targets", "\n".join(targets)]
     if report.get("plan"):

@@ -179,8 +179,7 @@ def prune_iteratively(
             model, entry["rejected"] = previous, True
         elif folder is not None and ctx.is_main:
             checkpoint.save(folder, model, log, iteration)
-    stop = verdict.reason
-    log["stopped"] = stop
+    log["stopped"] = verdict.reason
     if schedule.final_epochs:
         _seed(schedule, 10_000, (train_loader,))
         log["final_fine_tune"] = {"epochs": schedule.final_epochs, "train_loss": tune(model, schedule.final_epochs, "final fine-tune")}
@@ -359,6 +358,10 @@ def _pruner(model: nn.Module, example_inputs, schedule: Schedule, ignore: Iterab
 def _latency(entry: dict, batch: int) -> float:
     """An entry's measured latency at `batch`, in ms (the one place that knows how it is stored)."""
     return entry[f"latency_ms_b{batch}"]
+
+
+def _set_latency(entry: dict, batch: int, ms: float) -> None:
+    entry[f"latency_ms_b{batch}"] = ms
 
 
 def target_reached(schedule: Schedule, base: dict, last: dict, every: bool = False) -> str | None:

@@ -82,12 +82,15 @@ class DemoConfig:
     # Instead of the recipe above (macs_step ... final_epochs): the loop plans its steps and fine-tuning
     # from TARGETS (auto.prune_auto, its default Plan), and fine-tunes the control itself.
     auto: bool = False
+    auto_max_epochs: int = 10  # auto.Plan's defaults; quick() shortens them for a smoke test
+    auto_final_max_epochs: int = 30
 
     @classmethod
     def quick(cls) -> "DemoConfig":
         """Small subsets for CI's smoke test: about a minute."""
         return cls(width=0.125, pretrain_epochs=1, pretrain_per_class=600, train_per_class=200, val_per_class=100,
-                   head_epochs=1, finetune_epochs=1, iterations=2, epochs_between=1, final_epochs=1)
+                   head_epochs=1, finetune_epochs=1, iterations=2, epochs_between=1, final_epochs=1, auto_max_epochs=2,
+                   auto_final_max_epochs=2)
 
 
 def default_cache() -> Path:
@@ -288,7 +291,8 @@ def _planned(model: nn.Module, example, train_loader, val_loader, rank_loader, c
     config.lr, weight decay 5e-4, as in transfer()) and nothing of its pruning recipe."""
     schedule = Schedule(target_speedup=TARGETS["latency_b64"], latency_batch=64, target_size=TARGETS["size"],
                         max_accuracy_drop=TARGETS["max_accuracy_drop_points"], lr=config.lr, weight_decay=5e-4, seed=config.seed)
-    pruned, run_log, control = prune_auto(model, example, train_loader, val_loader, schedule, Plan(), rank_loader=rank_loader,
+    plan = Plan(max_epochs=config.auto_max_epochs, final_max_epochs=config.auto_final_max_epochs)
+    pruned, run_log, control = prune_auto(model, example, train_loader, val_loader, schedule, plan, rank_loader=rank_loader,
                                           ignore=list(config.ignore), device="cpu", progress=progress, log_fn=log)
     if control is None:
         raise RuntimeError(f"the planned run skipped its control: {run_log['gave_up']}")

@@ -1,0 +1,99 @@
+"""The planned loop on tasks its defaults were never tuned on: `filterprune prune` with targets only.
+
+    python benchmarks/bench_auto.py [--tasks pullover-coat resnet18-fashion10] [--seeds 0 1 2] [--out runs/auto]
+
+Each task and seed: image folders of real images (benchmarks/make_folders.py), a network trained
+from scratch by `filterprune train`, then `filterprune prune --model M --data DIR --target-speedup 2
+--max-drop 1` and nothing else (the loop plans its steps, validates on training images it holds
+out, fine-tunes the control). Prints one row per run and each task's mean: test accuracy of the
+baseline, the control and the pruned network, pruned - control, MACs and size reductions, the
+speed-up as the loop timed it (on a busy machine that is noise: re-time the saved runs with
+`python benchmarks/bench_threads.py RUN...`), steps kept and rolled back, and wall time.
+
+The tasks were fixed before the first run (issue 19's "Proof"), and are not to be tuned on:
+- pullover-coat: Fashion-MNIST Pullover vs Coat, 1000 training and 500 test images per class, 32 px;
+  vgg16_layout width 0.25 trained from scratch, 20 epochs of SGD at 0.01.
+- resnet18-fashion10: all ten Fashion-MNIST classes, 500 training and 100 test images per class,
+  32 px; torchvision resnet18 (no pretrained weights) trained from scratch, 15 epochs of SGD at 0.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TASKS = {
+    "pullover-coat": {"classes": [2, 4], "per_class": 1000, "test_per_class": 500,
+                      "train": ["--arch", "vgg16_layout", "--width", "0.25", "--epochs", "20", "--lr", "0.01"]},
+    "resnet18-fashion10": {"classes": list(range(10)), "per_class": 500, "test_per_class": 100,
+                           "train": ["--arch", "resnet18", "--epochs", "15", "--lr", "0.05"]},
+}
+GOAL = ["--target-speedup", "2", "--max-drop", "1"]
+
+
+def cli(*argv: str) -> None:
+    subprocess.run([sys.executable, "-m", "filterprune", *argv], check=True)
+
+
+def run_task(name: str, seed: int, out: Path, extra: list[str]) -> dict:
+    task, data, run = TASKS[name], out / name / "data", out / name / f"seed{seed}"
+    if not (data / "test").is_dir():
+        subprocess.run([sys.executable, str(HERE / "make_folders.py"), str(data), "--per-class", str(task["per_class"]),
+                        "--test-per-class", str(task["test_per_class"]), "--classes", *map(str, task["classes"])], check=True)
+    common = ["--data", str(data), "--size", "32", "--seed", str(seed), "--quiet"]
+    model = run / "trained.safetensors"
+    if not model.is_file():
+        cli("train", *common, *task["train"], "--head-epochs", "0", "--out", str(model))
+    if not (run / "report.json").is_file():
+        cli("prune", *common, "--model", str(model), *GOAL, *extra, "--out", str(run))
+    return json.loads((run / "report.json").read_text())
+
+
+def row(name: str, seed: int, report: dict) -> dict:
+    base, pruned, control = report["baseline"], report["pruned"], report.get("control")
+    key = next(k for k in base if k.startswith("latency_ms_b"))  # the batch the loop timed: 1 on the CPU
+    its = report["iterations"]
+    return {"task": name, "seed": seed, "baseline": 100 * base["accuracy"], "control": control and 100 * control["accuracy"],
+            "pruned": 100 * pruned["accuracy"], "vs control": control and 100 * (pruned["accuracy"] - control["accuracy"]),
+            "MACs x": base["macs"] / pruned["macs"], "size x": base["size_mb"] / pruned["size_mb"],
+            f"speed x ({key.removeprefix('latency_ms_')}, in-run)": base[key] / pruned[key],
+            "steps kept": sum(not it.get("rejected") for it in its), "rolled back": sum(bool(it.get("rejected")) for it in its),
+            "wall min": report["wall_s"] / 60}
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    cell = lambda v: "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/auto")
+    parser.add_argument("--prune-flag", action="append", default=[], help="one more flag for `filterprune prune` (e.g. --budget=20m)")
+    args = parser.parse_args()
+    rows = []
+    for name in args.tasks:
+        runs = [row(name, seed, run_task(name, seed, Path(args.out), args.prune_flag)) for seed in args.seeds]
+        rows += runs
+        if len(runs) > 1:
+            numeric = [k for k, v in runs[0].items() if isinstance(v, float)]
+            rows.append({k: (statistics.mean(r[k] for r in runs) if k in numeric and all(r[k] is not None for r in runs)
+                             else "mean" if k == "seed" else name if k == "task" else None) for k in runs[0]})
+    print(table(rows))
+    print(f"\ngoal: `filterprune prune {' '.join(GOAL)}` (2x at batch 1 within 1 point of the control); the in-run speed-up "
+          "is timed on a busy machine: re-time with benchmarks/bench_threads.py")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,8 +26,8 @@ from torch import nn
 
 from .distributed import Context
 from .measure import deployment_batch, latency_ms
-from .schedule import (Schedule, _latency, _line, _set_latency, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, check_reachable,
-                       decide)
+from .schedule import (Schedule, _latency, _line, _measure, _option, _prune_step, _pruner, _seed, _set_latency, _to, accuracy_drop,
+                       check_reachable, decide)
 from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
 
 # Shares of a time budget, as the deadlines of each phase from the start (with, without the control):
@@ -100,8 +100,9 @@ def prune_auto(
     score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
     deadline = _deadlines(plan, start)
     pruner = _pruner(model, example, aim, ignore)
-    log = {"schedule": asdict(replace(schedule, latency_batch=aim.latency_batch)), "plan": asdict(plan), "baseline": _measure(model, example, evaluate_fn(model), aim, device),
-           "iterations": [], "gave_up": [], "original_units": sum(g.size for g in pruner.groups),
+    log = {"schedule": asdict(replace(schedule, latency_batch=aim.latency_batch)), "plan": asdict(plan),
+           "baseline": _measure(model, example, evaluate_fn(model), aim, device), "iterations": [], "gave_up": [],
+           "original_units": sum(g.size for g in pruner.groups),
            "channels_before": {g.name: g.size for g in pruner.groups}, "skipped": pruner.skipped,
            "seconds": dict.fromkeys(("baseline", "prune", "fine_tune", "rolled_back", "final", "control"), 0.0)}
     base = log["baseline"]
@@ -110,7 +111,7 @@ def prune_auto(
     while True:
         if deadline["steps"] is not None and clock() >= deadline["steps"]:
             log["gave_up"].append(f"more pruning: the budget's share for steps ({_STEPS_UNTIL[not plan.control]:.0%}) was spent "
-                                  f"after {attempt} steps")
+                                  f"after {attempt} steps tried")
             stopped = "the time budget"
             break
         attempt += 1

@@ -40,13 +40,16 @@ def cli(*argv: str) -> None:
     subprocess.run([sys.executable, "-m", "filterprune", *argv], check=True)
 
 
-def run_task(name: str, seed: int, out: Path, extra: list[str]) -> dict:
+def run_task(name: str, seed: int, out: Path, extra: list[str], smoke: bool = False) -> dict:
     task, data, run = TASKS[name], out / name / "data", out / name / f"seed{seed}"
+    if smoke:  # the script checked end to end in minutes: not a result
+        task = {**task, "per_class": 20, "test_per_class": 10, "train": [*task["train"], "--epochs", "1"]}
+        extra = [*extra, "--max-epochs", "1", "--final-max-epochs", "1", "--patience", "1"]
     if not (data / "test").is_dir():
         subprocess.run([sys.executable, str(HERE / "make_folders.py"), str(data), "--per-class", str(task["per_class"]),
                         "--test-per-class", str(task["test_per_class"]), "--classes", *map(str, task["classes"])], check=True)
     common = ["--data", str(data), "--size", "32", "--seed", str(seed), "--quiet"]
-    model = run / "trained.safetensors"
+    model = run / "baseline.safetensors"  # the name bench_threads.py re-times against pruned.safetensors
     if not model.is_file():
         cli("train", *common, *task["train"], "--head-epochs", "0", "--out", str(model))
     if not (run / "report.json").is_file():
@@ -81,10 +84,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/auto")
     parser.add_argument("--prune-flag", action="append", default=[], help="one more flag for `filterprune prune` (e.g. --budget=20m)")
+    parser.add_argument("--smoke", action="store_true", help="20 images a class, 1 epoch each: checks the script, gives no result")
     args = parser.parse_args()
     rows = []
     for name in args.tasks:
-        runs = [row(name, seed, run_task(name, seed, Path(args.out), args.prune_flag)) for seed in args.seeds]
+        runs = [row(name, seed, run_task(name, seed, Path(args.out), args.prune_flag, args.smoke)) for seed in args.seeds]
         rows += runs
         if len(runs) > 1:
             numeric = [k for k, v in runs[0].items() if isinstance(v, float)]

@@ -266,7 +266,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Pat
                  "test_images": len(test_all),
                  "blog_test_images": len(test_blog), **pretrain_info},
         "baseline": baseline,
-        "control": {**control_summary, "extra_epochs": extra_epochs},
+        "control": {**control_summary, "extra_epochs": extra_epochs,
+                    **({"curve": run_log["control"]["curve"]} if config.auto else {})},  # its validation curve, for the plot
         "pruned": pruned_summary,
         "channels_before": run_log["channels_before"],
         "iterations": run_log["iterations"],

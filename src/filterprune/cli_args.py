@@ -8,7 +8,9 @@ import tomllib
 from pathlib import Path
 
 from .criteria import CRITERIA
+from .export import FORMATS
 from .pruner import NORMALIZE
+from .runtimes import RUNTIMES
 
 
 class UsageError(ValueError):
@@ -79,6 +81,8 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", default="mean", choices=NORMALIZE,
                    help="how scores of different layers are made comparable (default mean: each layer's scores divided by "
                         "their mean, size-neutral; l2: the paper's per-layer L2 norm; macs: mean, then per MAC a channel costs)")
+    p.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                   help="where latency is measured (--target-speedup, --latency-aware, the report): the runtime you ship on")
     p.add_argument("--latency-batch", type=int,
                    help="batch size of the measured latency (targets, --latency-aware; default 64 on a GPU, 1 on the CPU)")
     p.add_argument("--min-channels", type=int, default=1)
@@ -133,12 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--size", type=int)
     p.add_argument("--batch-sizes", default="1,64")
-    p.add_argument("--cuda-graph", action="store_true", help="time the forward replayed as a CUDA graph (needs --device cuda)")
+    p.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                   help="where to time it (default eager PyTorch; cuda-graph needs --device cuda)")
+    p.add_argument("--threads", type=int, help="threads of the runtime while timed (default: all)")
 
-    p = command("export", cmd_export, "export a saved model to ONNX")
+    p = command("export", cmd_export, "export a saved model for a runtime, checked against PyTorch")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int)
+    p.add_argument("--format", default="onnx", choices=FORMATS,
+                   help="onnx (ONNX Runtime), openvino (IR .xml + .bin), executorch (.pte, XNNPACK), pt2 (torch.export)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write OUT with .int8.onnx: int8 static quantisation calibrated on --data's training images "
+                        "(--format onnx), its accuracy on the test images beside the float model's")
+    p.add_argument("--data", help="image folder for --int8 (calibration: its training split; accuracy: its test split)")
+    p.add_argument("--calibration-images", type=int, default=256, help="training images --int8 calibrates on")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held out per class when DIR has no test folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
 
     p = command("predict", cmd_predict, "classify images with a saved model")
     p.add_argument("--model", required=True)

@@ -72,3 +72,37 @@ def test_cpu_runtimes_refuse_a_gpu_and_unknown_names_list_the_known():
 def test_gpu_runtimes(name):
     p = fp.profile(tiny(), torch.randn(1, 3, 16, 16), batch_sizes=(4,), device="cuda", min_run_time=0.05, runtime=name)
     assert p.runtime == name and p.latency_ms[4] > 0
+
+
+def test_prune_targets_the_chosen_runtime_and_reports_it_beside_eager(tmp_path, capsys):
+    """`filterprune prune --runtime onnxruntime --target-speedup`: the stop is decided on ORT latency, and the
+    report has both runtimes with ORT as the headline. The target is trivially reached (0.01x), so that
+    timing noise cannot decide the test; what is checked is which runtime decided and what was recorded."""
+    import json
+
+    from PIL import Image
+
+    from filterprune.cli import main
+    from filterprune.measure import measured_runtimes
+    from images import picture
+
+    for c in ("cat", "dog"):
+        for i in range(6):
+            folder = tmp_path / "data" / ("train" if i < 4 else "test") / c
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture(c, i)).save(folder / f"{c}{i}.jpg")
+    out = tmp_path / "run"
+    code = main(["prune", "--data", str(tmp_path / "data"), "--arch", "vgg16_layout", "--width", "0.03", "--size", "32",
+                 "--workers", "0", "--batch-size", "4", "--quiet", "--head-epochs", "0", "--epochs", "0", "--epochs-between", "0",
+                 "--step", "0.2", "--iterations", "3", "--ignore", "classifier.0", "classifier.3",
+                 "--runtime", "onnxruntime", "--target-speedup", "0.01", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped"].startswith("measured speed-up (onnxruntime)") and len(report["iterations"]) == 1
+    for summary in (report["baseline"], report["iterations"][0], report["pruned"]):
+        assert measured_runtimes(summary) == ["eager", "onnxruntime"]
+        assert latency(summary, 1, "onnxruntime")["version"] == importlib.metadata.version("onnxruntime")
+    md = (out / "report.md").read_text()
+    assert "| latency, batch 1 in onnxruntime (ms) |" in md and "| latency, batch 1 in eager (ms) |" in md
+    assert md.index("batch 1 in onnxruntime (ms)") < md.index("batch 1 in eager (ms)")  # the chosen one first
+    assert "headline: batch 1 in onnxruntime" in md

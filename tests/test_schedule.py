@@ -28,6 +28,7 @@ import filterprune as fp
 from filterprune.cli import main
 from filterprune.checkpoint import CheckpointError
 from filterprune.checkpoint import load as load_checkpoint
+from filterprune.measure import latency
 from filterprune.schedule import Schedule, prune_iteratively
 from images import COLOURS, one_thread, picture  # noqa: F401  (one_thread: an autouse fixture)
 
@@ -401,6 +402,7 @@ def latency_from_macs(monkeypatch):
         prof = real(model, example, latency=False)
         prof.latency_ms = {b: b * prof.macs / 1e4 for b in batch_sizes}
         prof.latency_iqr_ms = {b: 0.0 for b in batch_sizes}
+        prof.runtime = kwargs.get("runtime", "eager")
         return prof
     monkeypatch.setattr(schedule, "profile", profile)
 
@@ -415,7 +417,7 @@ def run(schedule: Schedule, seed: int = 0, **kwargs):
 def test_latency_batch_defaults_to_the_deployment_batch_of_the_device(latency_from_macs):
     _, log = run(Schedule(criterion="l1", step=2, epochs=0, max_iterations=1))
     assert Schedule().latency_batch is None and log["schedule"]["latency_batch"] == 1  # on the CPU
-    assert "latency_ms_b1" in log["baseline"] and "latency_ms_b1" in log["iterations"][0]
+    assert latency(log["baseline"], 1) and latency(log["iterations"][0], 1) and latency(log["iterations"][0], 64) is None
 
 
 def test_public_api_is_exported():
@@ -448,8 +450,8 @@ def test_a_drop_of_exactly_max_accuracy_drop_is_kept(latency_from_macs):
 @pytest.mark.parametrize("target, what", [("target_macs", "MACs reduction"), ("target_speedup", "measured speed-up")])
 def test_stops_at_the_first_iteration_that_meets_the_target(target, what, latency_from_macs):
     model, log = run(Schedule(criterion="l1", step=1, epochs=0, max_iterations=30, **{target: 1.3}))
-    key = "macs" if target == "target_macs" else "latency_ms_b1"
-    reached = [log["baseline"][key] / e[key] for e in log["iterations"]]
+    cost = (lambda s: s["macs"]) if target == "target_macs" else (lambda s: latency(s, 1)["ms"])
+    reached = [cost(log["baseline"]) / cost(e) for e in log["iterations"]]
     assert what in log["stopped"] and reached[-1] >= 1.3
     assert len(reached) >= 2 and max(reached[:-1]) < 1.3  # not before
 
@@ -488,7 +490,7 @@ def test_latency_aware_measures_the_cost_every_iteration_and_uses_it(latency_fro
 
     calls = []
 
-    def cost(pruner, batch, device):  # the first conv's channels made very costly: they must go first
+    def cost(pruner, batch, device, runtime):  # the first conv's channels made very costly: they must go first
         calls.append(batch)
         c = torch.zeros(pruner.graph.num_units, dtype=torch.float64)
         first = pruner.groups[0]

@@ -104,7 +104,7 @@ def _schedule(args) -> Schedule:
                     target_size=args.target_size, max_accuracy_drop=args.max_drop, lr=args.lr, optimizer=args.optimizer,
                     distill=args.distill, temperature=args.temperature, amp=args.amp, channels_last=args.channels_last,
                     flops_lambda=args.flops_lambda, latency_aware=args.latency_aware, latency_batch=args.latency_batch,
-                    round_to=args.round_to, normalize=args.normalize, min_channels=args.min_channels,
+                    runtime=args.runtime, round_to=args.round_to, normalize=args.normalize, min_channels=args.min_channels,
                     rank_batches=args.rank_batches, seed=args.seed)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import filterprune as fp
 from filterprune.cli import main
-from filterprune.export import FORMATS, ExportError, check_agreement, export, onnx_accuracy, quantize_int8
+from filterprune.export import FORMATS, ExportError, check_agreement, export_model, onnx_accuracy, quantize_int8
 from filterprune.runtimes import get
 from images import COLOURS, one_thread, picture  # noqa: F401  (one_thread: an autouse fixture)
 
@@ -52,7 +52,7 @@ def test_onnx_export_matches_pytorch(tmp_path):
 def test_every_format_agrees_with_pytorch_at_any_batch(fmt, tmp_path):
     model, x = tiny(), torch.randn(1, 3, 16, 16)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    path, error = export(model, x, tmp_path / f"m{FORMATS[fmt].suffix}", fmt)
+    path, error = export_model(model, x, tmp_path / f"m{FORMATS[fmt].suffix}", fmt)
     assert path.is_file() and 0 <= error <= 1e-4
     assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # left as it was
     model.eval()
@@ -63,7 +63,7 @@ def test_every_format_agrees_with_pytorch_at_any_batch(fmt, tmp_path):
 
 def test_a_file_that_does_not_agree_is_refused(tmp_path):
     model, x = tiny(), torch.randn(1, 3, 16, 16)
-    path, _ = export(model, x, tmp_path / "m.onnx", "onnx")
+    path, _ = export_model(model, x, tmp_path / "m.onnx", "onnx")
     with torch.no_grad():
         model[-1].bias += 0.01  # the PyTorch model changed after the export
     with pytest.raises(ExportError, match="differs from the PyTorch model by 0.01"):
@@ -72,7 +72,7 @@ def test_a_file_that_does_not_agree_is_refused(tmp_path):
 
 def test_unknown_format_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="choose one of onnx, openvino, executorch, pt2"):
-        export(tiny(), torch.randn(1, 3, 16, 16), tmp_path / "m.x", "tflite")
+        export_model(tiny(), torch.randn(1, 3, 16, 16), tmp_path / "m.x", "tflite")
 
 
 def test_int8_keeps_accuracy_of_a_model_that_separates_its_classes(tmp_path):
@@ -87,7 +87,7 @@ def test_int8_keeps_accuracy_of_a_model_that_separates_its_classes(tmp_path):
         model[0].weight[0, 0], model[0].weight[1, 0] = 1.0, -1.0
         model[-1].weight.zero_(), model[-1].bias.zero_()
         model[-1].weight[1, 0], model[-1].weight[1, 1] = 1.0, -1.0
-    path, _ = export(model, images[:1], tmp_path / "m.onnx")
+    path, _ = export_model(model, images[:1], tmp_path / "m.onnx")
     int8 = quantize_int8(path, tmp_path / "m.int8.onnx", images[:32].split(8))
     loader = list(zip(images.split(16), labels.split(16)))
     assert onnx_accuracy(path, loader, threads=1) == 1.0

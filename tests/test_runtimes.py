@@ -35,14 +35,17 @@ def test_each_runtime_computes_what_pytorch_does(name):
 def test_profile_in_each_runtime_states_its_conditions_and_leaves_the_model_alone(name):
     model = tiny()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    p = fp.profile(model, torch.randn(1, 3, 16, 16), batch_sizes=(1, 2), threads=1, min_run_time=0.01, runtime=name)
+    p = fp.profile(model, torch.randn(1, 3, 16, 16), batch_sizes=(2,), threads=1, min_run_time=0.01, runtime=name)
     package = "torch" if name in ("eager", "compile") else name
     record = latency(p.as_dict(), 2, name)
     assert record["ms"] > 0 and record["iqr_ms"] >= 0 and record["threads"] == 1 and record["dtype"] == "float32"
     assert record["version"] == importlib.metadata.version(package) and record["batch"] == 2
     assert f"1 threads, {name} {record['version']}" in str(p)
     assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert fp.latency_ms(model, torch.randn(2, 3, 16, 16), threads=1, min_run_time=0.01, runtime=name) > 0
+
+
+def test_latency_ms_in_a_runtime():
+    assert fp.latency_ms(tiny(), torch.randn(2, 3, 16, 16), threads=1, min_run_time=0.01, runtime="onnxruntime") > 0
 
 
 def test_a_runtime_not_installed_names_the_extra(monkeypatch):
@@ -106,3 +109,10 @@ def test_prune_targets_the_chosen_runtime_and_reports_it_beside_eager(tmp_path, 
     assert "| latency, batch 1 in onnxruntime (ms) |" in md and "| latency, batch 1 in eager (ms) |" in md
     assert md.index("batch 1 in onnxruntime (ms)") < md.index("batch 1 in eager (ms)")  # the chosen one first
     assert "headline: batch 1 in onnxruntime" in md
+
+
+def test_a_loop_in_a_runtime_that_cannot_run_fails_before_any_work():
+    from filterprune.schedule import Schedule, check_reachable
+
+    with pytest.raises(RuntimeUnavailable, match="needs a GPU"):
+        check_reachable(tiny(), torch.randn(1, 3, 16, 16), Schedule(runtime="cuda-graph"))

@@ -253,13 +253,13 @@ def cmd_profile(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export, onnx_accuracy, quantize_int8
+    from .export import export_model, onnx_accuracy, quantize_int8
 
     if args.int8 and (args.format != "onnx" or not args.data):
         raise UsageError("--int8 quantises with ONNX Runtime: give --format onnx and --data DIR (calibration and test images)")
     model = io.load(args.model)
     size = args.size or model.filterprune_metadata.get("image_size", 224)
-    path, error = export(model, _example(model, size), args.out, args.format)
+    path, error = export_model(model, _example(model, size), args.out, args.format)
     print(f"wrote {path} ({args.format}); largest difference from PyTorch on the example input: {error:.2g}")
     if args.int8:
         train, test, _ = data.image_folder_datasets(args.data, size=size, test_fraction=args.test_fraction, seed=args.seed,

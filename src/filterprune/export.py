@@ -124,7 +124,7 @@ FORMATS = {"onnx": Format(export_onnx, ".onnx", "onnxruntime"), "openvino": Form
            "executorch": Format(export_executorch, ".pte", "executorch"), "pt2": Format(export_pt2, ".pt2", "eager")}
 
 
-def export(model: nn.Module, example_inputs, path: str | Path, fmt: str = "onnx") -> tuple[Path, float]:
+def export_model(model: nn.Module, example_inputs, path: str | Path, fmt: str = "onnx") -> tuple[Path, float]:
     """Write `model` to `path` in format `fmt` and check it: returns (path, largest absolute
     difference from PyTorch on the example input). ExportError if beyond the dtype's tolerance."""
     from .runtimes import get

@@ -22,6 +22,7 @@ from . import checkpoint
 from .distributed import Context
 from .measure import deployment_batch, latency, profile, speed_change
 from .pruner import Pruner
+from .runtimes import get as get_runtime
 from .surgery import remove_units
 from .train import evaluate, fine_tune
 
@@ -282,7 +283,10 @@ def check_reachable(model: nn.Module, example_inputs, schedule: Schedule, ignore
     minimums; ValueError if schedule.target_macs or target_size asks for more than that reaches.
 
     Returns the best reachable {"macs": factor, "size": factor} (empty when no such target is set).
+    Also RuntimeUnavailable if schedule.runtime is not installed.
     """
+    first = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+    get_runtime(schedule.runtime).check(first.device)  # the device the loop measures on
     trial = copy.deepcopy(model)
     pruner = Pruner(trial, example_inputs, criterion="l1", ignore=_modules(trial, ignore),
                     min_channels=schedule.min_channels, round_to=schedule.round_to, verify=False)

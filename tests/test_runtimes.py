@@ -116,3 +116,14 @@ def test_a_loop_in_a_runtime_that_cannot_run_fails_before_any_work():
 
     with pytest.raises(RuntimeUnavailable, match="needs a GPU"):
         check_reachable(tiny(), torch.randn(1, 3, 16, 16), Schedule(runtime="cuda-graph"))
+
+
+def test_cli_profile_in_a_runtime(tmp_path, capsys):
+    from filterprune.cli import main
+
+    fp.save(fp.build("vgg16_layout", num_classes=2, width=0.03), tmp_path / "m.safetensors", metadata={"image_size": 32})
+    code = main(["profile", "--model", str(tmp_path / "m.safetensors"), "--runtime", "onnxruntime", "--threads", "1",
+                 "--batch-sizes", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"cpu, float32, 1 threads, onnxruntime {importlib.metadata.version('onnxruntime')}" in out and "latency, batch 1" in out

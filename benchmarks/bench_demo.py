@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from filterprune.measure import speed_change
+from filterprune.measure import latency, speed_change
 from filterprune.recipes.demo import TARGETS, DemoConfig, run_demo
 
 
@@ -54,13 +54,13 @@ def main() -> None:
         config = DemoConfig(seed=seed, **overrides)
         report = run_demo(f"{args.out}/seed{seed}", config, progress=False, log=lambda line: None)
         base, control, pruned = report["baseline"], report["control"], report["pruned"]
-        speeds = [speed_change(base[f"latency_ms_b{b}"], pruned[f"latency_ms_b{b}"], base[f"latency_iqr_ms_b{b}"],
-                               pruned[f"latency_iqr_ms_b{b}"]) for b in (1, 64)]
+        timed = {b: (latency(base, b), latency(pruned, b)) for b in (1, 64)}
+        speeds = [speed_change(before["ms"], after["ms"], before["iqr_ms"], after["iqr_ms"]) for before, after in timed.values()]
         n = {"baseline": 100 * base["accuracy"], "control": 100 * control["accuracy"], "pruned": 100 * pruned["accuracy"],
              "vs control": 100 * (pruned["accuracy"] - control["accuracy"]),
              "val vs control": 100 * (pruned["val_accuracy"] - control["val_accuracy"]),
              "macs": base["macs"] / pruned["macs"], "size": base["size_mb"] / pruned["size_mb"],
-             "b1": base["latency_ms_b1"] / pruned["latency_ms_b1"], "b64": base["latency_ms_b64"] / pruned["latency_ms_b64"],
+             **{f"b{b}": before["ms"] / after["ms"] for b, (before, after) in timed.items()},
              "wall": report["wall_s"] / 60}
         numbers.append(n)
         rows.append([str(seed), *(f"{n[k]:.2f}" for k in ("baseline", "control", "pruned")), f"{n['vs control']:+.2f}",

@@ -6,7 +6,7 @@
 1. round:        channel counts at equal MACs with and without rounding (round_to 1, 8, 16):
                  resnet50, mobilenet_v2, vgg16 at 224, batch 64, float32 / bf16 / bf16 + channels_last.
    deploy:       the 50% pair in bf16 + channels_last as eager, with cudnn.benchmark, and as a CUDA graph.
-   profile:      the same pair through fp.profile (eager and cuda_graph=True) and `filterprune profile --cuda-graph`.
+   profile:      the same pair through fp.profile (eager and runtime="cuda-graph") and `filterprune profile --runtime cuda-graph`.
 2. self-check:   vgg16 and resnet50 at 224 pruned in 40 steps in float32 with TF32 on (cuDNN's and
                  matmul's): refusals counted; then a corrupted surgery must still be refused.
 3. rank:         rank() with taylor against a plain forward + backward (resnet50, batch 64, 224).
@@ -128,7 +128,8 @@ def bench_deploy(args) -> None:
         forms = ("eager", "eager + cudnn.benchmark", "CUDA graph + cudnn.benchmark")
         for form in forms if args.device.startswith("cuda") else forms[:1]:
             torch.backends.cudnn.benchmark = form != "eager"
-            t = [latency_spread_ms(m, x, min_run_time=args.run_time, cuda_graph=form.startswith("CUDA graph")) for m in pair]
+            t = [latency_spread_ms(m, x, min_run_time=args.run_time, runtime="cuda-graph" if form.startswith("CUDA graph") else "eager")
+                 for m in pair]
             rows.append([arch, f"{result.macs_before / result.macs_after:.2f}x", f"round_to={pruner.round_to}", form, ms(t[0]), ms(t[1]),
                          fp.speed_change(t[0][0], t[1][0], t[0][1], t[1][1])])
         torch.backends.cudnn.benchmark = False
@@ -224,7 +225,7 @@ def bench_rank(args) -> None:
 def bench_profile(args) -> None:
     """The user's path: fp.profile on the 50% resnet50 pair cast to bf16 + channels_last (the
     example stays float32 and contiguous, as users pass it), eager and as a CUDA graph; then the
-    CLI's `filterprune profile --cuda-graph` on the pruned model saved with fp.save."""
+    CLI's `filterprune profile --runtime cuda-graph` on the pruned model saved with fp.save."""
     dense = build("resnet50").to(args.device)
     example = torch.randn(1, 3, args.size, args.size)
     pruned = copy.deepcopy(dense)
@@ -234,16 +235,17 @@ def bench_profile(args) -> None:
     rows = []
     for form in (False, True) if graph else (False,):
         p = [fp.profile(m.to(dtype=torch.bfloat16, memory_format=torch.channels_last), example, batch_sizes=(args.batch,),
-                        device=args.device, cuda_graph=form, min_run_time=args.run_time) for m in (dense, pruned)]
+                        device=args.device, runtime="cuda-graph" if form else "eager", min_run_time=args.run_time)
+             for m in (dense, pruned)]
         t = [(q.latency_ms[args.batch], q.latency_iqr_ms[args.batch]) for q in p]
-        rows.append([p[1].form, p[1].dtype, ms(t[0]), ms(t[1]), fp.speed_change(t[0][0], t[1][0], t[0][1], t[1][1])])
+        rows.append([p[1].runtime, p[1].dtype, ms(t[0]), ms(t[1]), fp.speed_change(t[0][0], t[1][0], t[0][1], t[1][1])])
     torch.backends.cudnn.benchmark = False
     table(f"fp.profile: resnet50, 50% of every layer's channels, bf16 + channels_last, batch {args.batch} at {args.size}x{args.size}",
           ["form", "dtype", "unpruned ms (IQR)", "pruned ms (IQR)", "measured"], rows)
     path = "/tmp/filterprune_resnet50_half.safetensors"
     fp.save(pruned.float().to(memory_format=torch.contiguous_format).cpu(), path)
     command = [sys.executable, "-m", "filterprune", "profile", "--model", path, "--size", str(args.size), "--device", args.device,
-               "--batch-sizes", f"1,{args.batch}", *(["--cuda-graph"] if graph else [])]
+               "--batch-sizes", f"1,{args.batch}", *(["--runtime", "cuda-graph"] if graph else [])]
     print("$ filterprune " + " ".join(command[3:]), flush=True)
     subprocess.run(command, check=False)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import filterprune as fp
+from filterprune.measure import latency
 from filterprune.recipes.demo import costs_in_turns
 
 
@@ -32,12 +33,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         models = {k: fp.load(f"{run}/{k}.safetensors") for k in ("baseline", "pruned")}
-        size = json.loads(Path(run, "report.json").read_text())["config"]["image_size"]
+        config = json.loads(Path(run, "report.json").read_text())["config"]
+        size = config.get("image_size", config.get("size"))  # the demo's name, and the CLI's
         for threads in args.threads:
             costs = costs_in_turns(models, torch.randn(1, 3, size, size), args.rounds, threads)
             cells = []
             for b in (1, 64):
-                (t0, s0), (t1, s1) = ((costs[k][f"latency_ms_b{b}"], costs[k][f"latency_iqr_ms_b{b}"]) for k in ("baseline", "pruned"))
+                (t0, s0), (t1, s1) = ((latency(costs[k], b)["ms"], latency(costs[k], b)["iqr_ms"]) for k in ("baseline", "pruned"))
                 cells += [f"{t0:.2f} ({s0:.2f}) -> {t1:.2f} ({s1:.2f})", fp.speed_change(t0, t1, s0, s1)]
             print(f"| {run} | {threads} | " + " | ".join(cells) + " |", flush=True)
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from filterprune import Pruner, latency_ms, profile
 from filterprune.criteria import DATA_CRITERIA
+from filterprune.measure import latency
 from filterprune.data import make_loader
 from filterprune.recipes.demo import DemoConfig, cached_transferred, pair_data
 from filterprune.train import evaluate, fine_tune
@@ -125,8 +126,8 @@ def measure(models: dict[str, nn.Module], example: torch.Tensor, test_loader, ro
         for name, model in models.items():
             prof = profile(model, example, batch_sizes=(1, 64), min_run_time=1.0).as_dict()
             row = rows[name]
-            for key in ("latency_ms_b1", "latency_ms_b64"):
-                row[key] = min(row.get(key, float("inf")), prof[key])
+            for b in (1, 64):
+                row[f"latency_ms_b{b}"] = min(row.get(f"latency_ms_b{b}", float("inf")), latency(prof, b)["ms"])
             row.update({k: prof[k] for k in ("macs", "params", "size_mb", "threads", "device", "dtype")})
     return rows
 

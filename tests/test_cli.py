@@ -512,7 +512,7 @@ def test_saved_torchvision_model_works_in_every_command(folders, torchvision_fil
     assert code == 0 and out.startswith("accuracy "), err
     code, out, err = run(capsys, "profile", "--model", torchvision_file, "--batch-sizes", "1")
     assert code == 0 and "MACs" in out, err
-    code, out, err = run(capsys, "profile", "--model", torchvision_file, "--cuda-graph", "--device", "cpu")
+    code, out, err = run(capsys, "profile", "--model", torchvision_file, "--runtime", "cuda-graph", "--device", "cpu")
     assert code != 0 and "--device cuda" in err and len(err.strip().splitlines()) == 1, err
     code, out, err = run(capsys, "export", "--model", torchvision_file, "--out", tmp_path / "r18.onnx")
     assert code == 0 and (tmp_path / "r18.onnx").is_file(), err

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from filterprune.measure import (GPU_BATCH, Profile, default_batch_sizes, latency_ms, latency_spread_ms, launch_note,
-                                 profile, speed_change, time_ms)
+from filterprune.measure import (GPU_BATCH, Profile, default_batch_sizes, keep_lowest, latency, latency_batches, latency_ms,
+                                 latency_spread_ms, launch_note, measured_runtimes, profile, speed_change, time_ms)
+from filterprune.runtimes import RuntimeUnavailable
 from filterprune.recipes.vgg import vgg16_layout
 
 
@@ -50,10 +51,12 @@ def test_latency_keys_and_report():
     p = profile(model, torch.randn(1, 3, 16, 16), batch_sizes=(1, 2), threads=1, min_run_time=0.05)
     assert set(p.latency_ms) == {1, 2} and all(ms > 0 for ms in p.latency_ms.values())
     d = p.as_dict()
-    assert list(d) == ["params", "size_mb", "macs", "latency_ms_b1", "latency_ms_b2", "latency_iqr_ms_b1", "latency_iqr_ms_b2",
-                       "device", "dtype", "threads", "form"]
-    assert all(d[f"latency_iqr_ms_b{b}"] >= 0 for b in (1, 2))
-    assert (d["device"], d["dtype"], d["threads"], d["form"]) == ("cpu", "float32", 1, "eager")
+    assert list(d) == ["params", "size_mb", "macs", "latency", "device", "dtype", "threads"]
+    assert [(r["runtime"], r["batch"]) for r in d["latency"]] == [("eager", 1), ("eager", 2)]
+    assert all(latency(d, b)["iqr_ms"] >= 0 and latency(d, b)["ms"] == p.latency_ms[b] for b in (1, 2))
+    assert latency_batches(d) == [1, 2] and latency(d, 2, "onnxruntime") is None and latency(d, 3) is None
+    assert (d["device"], d["dtype"], d["threads"], latency(d, 1)["threads"]) == ("cpu", "float32", 1, 1)
+    assert latency(d, 1)["version"] == torch.__version__.split("+")[0] and p.runtime == "eager"
     text = str(p)
     assert "ms" in text and "MB" in text and "MMACs" in text and "IQR" in text
     assert p.headline_batch == 1 and "launch" not in text  # the GPU caveat only on a GPU
@@ -71,8 +74,20 @@ def test_mode_restored_and_measured_in_eval_inference_mode():
 
 
 def test_as_dict_names_each_batch_size():
-    p = Profile(params=1, size_mb=0.5, macs=2, latency_ms={64: 3.0}, device="cpu", dtype="float32", threads=2)
-    assert p.as_dict()["latency_ms_b64"] == 3.0
+    p = Profile(params=1, size_mb=0.5, macs=2, latency_ms={64: 3.0}, device="cpu", dtype="float32", threads=2,
+                runtime="openvino", runtime_version="2026.4.1")
+    assert latency(p.as_dict(), 64, "openvino")["ms"] == 3.0 and latency(p.as_dict(), 64) is None
+    assert measured_runtimes(p.as_dict()) == ["openvino"]
+
+
+def test_keep_lowest_keeps_the_lowest_median_of_each_runtime_and_batch():
+    def record(runtime, batch, ms):
+        return {"runtime": runtime, "batch": batch, "ms": ms, "iqr_ms": ms / 10}
+
+    kept = keep_lowest([record("eager", 1, 2.0), record("eager", 64, 9.0)],
+                       [record("eager", 1, 1.5), record("eager", 64, 9.5), record("onnxruntime", 1, 0.7)])
+    assert sorted((r["runtime"], r["batch"], r["ms"]) for r in kept) == [("eager", 1, 1.5), ("eager", 64, 9.0),
+                                                                         ("onnxruntime", 1, 0.7)]
 
 
 class Frozen(nn.Module):
@@ -176,12 +191,37 @@ def test_a_bfloat16_model_is_timed_on_bfloat16_inputs_and_integer_inputs_keep_th
 
 def test_cuda_graph_timing_needs_a_gpu_and_says_so():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ValueError, match="device='cuda'"):
-        profile(model, torch.randn(1, 3, 8, 8), batch_sizes=(1,), device="cpu", cuda_graph=True)
+    with pytest.raises(RuntimeUnavailable, match="device='cuda'"):
+        profile(model, torch.randn(1, 3, 8, 8), batch_sizes=(1,), device="cpu", runtime="cuda-graph")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_timing_on_a_gpu():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    p = profile(model, torch.randn(1, 3, 16, 16), batch_sizes=(4,), device="cuda", cuda_graph=True, min_run_time=0.05)
-    assert p.form == "CUDA graph" and p.latency_ms[4] > 0 and not next(model.parameters()).is_cuda
+    p = profile(model, torch.randn(1, 3, 16, 16), batch_sizes=(4,), device="cuda", runtime="cuda-graph", min_run_time=0.05)
+    assert p.runtime == "cuda-graph" and p.latency_ms[4] > 0 and not next(model.parameters()).is_cuda
+
+
+def test_measure_imports_nothing_of_the_graph():
+    """measure.py and what it imports at module level (transitively, within filterprune) reach none of
+    the tracing and surgery modules: timing a model needs no graph."""
+    import ast
+    from pathlib import Path
+
+    import filterprune
+
+    root = Path(filterprune.__file__).parent
+    seen, todo = set(), ["measure"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.parse((root / f"{name}.py").read_text()).body:  # module level only: not lazy imports
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1 or module.startswith("filterprune"):
+                    inner = module.removeprefix("filterprune").lstrip(".")
+                    todo += [inner.split(".")[0]] if inner else [a.name for a in node.names]
+    assert seen & {"graph", "graph_ops", "trace", "surgery", "io", "pruner"} == set()
+    assert {"measure", "runtimes", "utils"} <= seen

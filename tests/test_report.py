@@ -8,9 +8,22 @@ from filterprune.report import headline_table, write_report
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def record(batch, ms, iqr=None, runtime="eager"):
+    """A latency record as measure.Profile.records writes it (no iqr_ms: a published figure)."""
+    return {"runtime": runtime, "version": "1.0", "batch": batch, "ms": ms, **({"iqr_ms": iqr} if iqr is not None else {}),
+            "threads": 2, "dtype": "float32", "device": "cpu"}
+
+
+def set_latency(summary, batch, ms, iqr=None, runtime="eager"):
+    """Replace (or add) the record of `runtime` at `batch`, keeping its spread unless `iqr` is given."""
+    old = next((r for r in summary["latency"] if (r["runtime"], r["batch"]) == (runtime, batch)), {})
+    summary["latency"] = [r for r in summary["latency"] if r is not old] + [record(batch, ms, iqr if iqr is not None else
+                                                                                   old.get("iqr_ms", 0.1), runtime)]
+
+
 def summary(accuracy, size_mb, params, macs, b1, b64, iqr=(0.1, 1.0), **extra):
     return {"accuracy": accuracy, "accuracy_800": accuracy + 0.01, "size_mb": size_mb, "params": params, "macs": macs,
-            "latency_ms_b1": b1, "latency_ms_b64": b64, "latency_iqr_ms_b1": iqr[0], "latency_iqr_ms_b64": iqr[1],
+            "latency": [record(1, b1, iqr[0]), record(64, b64, iqr[1])],
             "threads": 2, "device": "cpu", "dtype": "float32", **extra}
 
 
@@ -27,17 +40,17 @@ def synthetic() -> dict:
         "iterations": [
             {"iteration": 1, "removed": 13, "removed_per_group": {"features.0": 7, "classifier.0": 6},
              "channels": {"features.0": 9, "features.3": 32, "classifier.0": 58}, "accuracy": 0.92, "loss": 0.2,
-             "macs": 25_000_000, "params": 1_200_000, "size_mb": 5.0, "latency_ms_b1": 3.0, "latency_iqr_ms_b1": 0.1,
+             "macs": 25_000_000, "params": 1_200_000, "size_mb": 5.0, "latency": [record(1, 3.0, 0.1)],
              "wall_s": 10.0, "train_loss": 0.3, "check": "exact"},
             {"iteration": 2, "removed": 13, "removed_per_group": {"features.3": 13},
              "channels": {"features.0": 9, "features.3": 19, "classifier.0": 58}, "accuracy": 0.9175, "loss": 0.25,
-             "macs": 12_000_000, "params": 600_000, "size_mb": 2.5, "latency_ms_b1": 4.05, "latency_iqr_ms_b1": 0.1,
+             "macs": 12_000_000, "params": 600_000, "size_mb": 2.5, "latency": [record(1, 4.05, 0.1)],
              "wall_s": 20.0, "train_loss": 0.35, "check": "forward-only"},
         ],
         "stopped": "2 iterations done",
         "labels": {"accuracy_800": "accuracy, 800 test images"},
         "reference": {"label": "paper", "note": "one image on an i7 CPU", "before": {"accuracy_800": 0.987, "size_mb": 538.0,
-                      "latency_ms_b1": 780.0}, "after": {"accuracy_800": 0.975, "size_mb": 150.0, "latency_ms_b1": 277.0}},
+                      "latency": [record(1, 780.0)]}, "after": {"accuracy_800": 0.975, "size_mb": 150.0, "latency": [record(1, 277.0)]}},
         "skipped": ["head.norm: F.layer_norm over a dimension that is not channels"],
         "targets": {"latency_b1": 3.0, "size": 3.0, "max_accuracy_drop_points": 1.0},
         "wall_s": 123.4,
@@ -115,7 +128,8 @@ def test_without_control_blog_targets_and_optional_numbers(tmp_path):
     for key in ("control", "reference", "targets", "task", "config", "skipped", "labels"):
         del report[key]
     for name in ("baseline", "pruned"):
-        del report[name]["accuracy_800"], report[name]["latency_ms_b64"]
+        del report[name]["accuracy_800"]
+        report[name]["latency"] = [r for r in report[name]["latency"] if r["batch"] != 64]
     for it in report["iterations"]:
         del it["check"]
     paths = write_report(report, tmp_path)
@@ -130,7 +144,8 @@ def test_without_control_blog_targets_and_optional_numbers(tmp_path):
 
 def test_slowdowns_and_noise_in_every_claim(tmp_path):
     report = synthetic()
-    report["pruned"].update(latency_ms_b1=5.0, latency_ms_b64=49.5)  # 4 -> 5 ms: slower; 50 -> 49.5: inside 1 + 1 ms
+    set_latency(report["pruned"], 1, 5.0)  # 4 -> 5 ms: slower
+    set_latency(report["pruned"], 64, 49.5)  # 50 -> 49.5: inside 1 + 1 ms
     md = write_report(report, tmp_path)["markdown"].read_text()
     assert "| latency, batch 1 (ms) | 4.00 | 4.10 | 5.00 | 1.25x slower |" in md
     assert "| latency, batch 64 (ms) | 50.00 | 51.00 | 49.50 | no measurable change |" in md
@@ -146,7 +161,7 @@ def test_on_a_gpu_the_headline_is_batch_64_and_batch_1_is_marked_launch_bound(tm
     report = synthetic()
     for name in ("baseline", "control", "pruned"):
         report[name]["device"] = "cuda:0"
-    report["pruned"].update(latency_ms_b1=4.2, latency_iqr_ms_b1=0.3)  # 4.0 -> 4.2 ms at batch 1: launch noise
+    set_latency(report["pruned"], 1, 4.2, 0.3)  # 4.0 -> 4.2 ms at batch 1: launch noise
     md = write_report(report, tmp_path)["markdown"].read_text()
     assert "latency: 1.25x faster at batch 64 on cuda:0" in md and "headline: batch 64" in md
     assert "batch 1: on a GPU, batch-1 time is dominated by kernel launch overhead" in md
@@ -180,3 +195,23 @@ def test_iterations_table_uses_the_loops_own_evaluation_data(tmp_path):
     table = md[md.index("## Iterations"):]
     assert "accuracy (1000 validation images)" in table
     assert "| 0 (baseline) |  | 81.23% |" in table and "79.87%" in table
+
+
+def test_a_chosen_runtime_is_the_headline_with_eager_beside_it(tmp_path):
+    """Measured in onnxruntime beside eager: both rows, onnxruntime first and in the summary and targets."""
+    report = synthetic()
+    del report["control"], report["reference"]
+    for name, (b1, iqr) in {"baseline": (1.2, 0.01), "pruned": (0.3, 0.01)}.items():
+        set_latency(report[name], 1, b1, iqr, runtime="onnxruntime")
+    for it in report["iterations"]:
+        set_latency(it, 1, 0.9, 0.01, runtime="onnxruntime")
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    head = md[md.index("## Headline"):md.index("## Targets")]
+    assert "| latency, batch 1 in onnxruntime (ms) | 1.20 | 0.30 | 4.00x faster |" in head
+    assert "| latency, batch 1 in eager (ms) | 4.00 | 2.00 | 2.00x faster |" in head
+    assert head.index("in onnxruntime (ms)") < head.index("in eager (ms)")
+    assert "headline: batch 1 in onnxruntime" in head and "runtimes: eager 1.0, onnxruntime 1.0" in head
+    assert "4.00x faster at batch 1 on cpu in onnxruntime (eager PyTorch: 2.00x faster)" in md
+    assert "- 3.0x faster at batch 1 in onnxruntime: reached 4.00x faster — **MET**" in md
+    table = md[md.index("## Iterations"):]
+    assert "latency b1 in onnxruntime (ms) | speed vs baseline (onnxruntime) | latency b1 in eager (ms)" in table

@@ -28,6 +28,7 @@ import filterprune as fp
 from filterprune.cli import main
 from filterprune.checkpoint import CheckpointError
 from filterprune.checkpoint import load as load_checkpoint
+from filterprune.measure import latency
 from filterprune.schedule import Schedule, prune_iteratively
 from images import COLOURS, one_thread, picture  # noqa: F401  (one_thread: an autouse fixture)
 
@@ -394,7 +395,7 @@ class Counting:
 @pytest.fixture
 def latency_from_macs(monkeypatch):
     """Measured latency replaced by one proportional to MACs: fast and the same on any machine."""
-    from filterprune import auto, schedule
+    from filterprune import schedule
 
     real = schedule.profile
 
@@ -402,9 +403,9 @@ def latency_from_macs(monkeypatch):
         prof = real(model, example, latency=False)
         prof.latency_ms = {b: b * prof.macs / 1e4 for b in batch_sizes}
         prof.latency_iqr_ms = {b: 0.0 for b in batch_sizes}
+        prof.runtime = kwargs.get("runtime", "eager")
         return prof
-    monkeypatch.setattr(schedule, "profile", profile)
-    monkeypatch.setattr(auto, "latency_ms", lambda model, inputs, **kw: len(inputs) * real(model, inputs[:1], latency=False).macs / 1e4)
+    monkeypatch.setattr(schedule, "profile", profile)  # the planned loop's timings go through it too (schedule.timed)
 
 
 def run(schedule: Schedule, seed: int = 0, **kwargs):
@@ -417,7 +418,7 @@ def run(schedule: Schedule, seed: int = 0, **kwargs):
 def test_latency_batch_defaults_to_the_deployment_batch_of_the_device(latency_from_macs):
     _, log = run(Schedule(criterion="l1", step=2, epochs=0, max_iterations=1))
     assert Schedule().latency_batch is None and log["schedule"]["latency_batch"] == 1  # on the CPU
-    assert "latency_ms_b1" in log["baseline"] and "latency_ms_b1" in log["iterations"][0]
+    assert latency(log["baseline"], 1) and latency(log["iterations"][0], 1) and latency(log["iterations"][0], 64) is None
 
 
 def test_public_api_is_exported():
@@ -450,8 +451,8 @@ def test_a_drop_of_exactly_max_accuracy_drop_is_kept(latency_from_macs):
 @pytest.mark.parametrize("target, what", [("target_macs", "MACs reduction"), ("target_speedup", "measured speed-up")])
 def test_stops_at_the_first_iteration_that_meets_the_target(target, what, latency_from_macs):
     model, log = run(Schedule(criterion="l1", step=1, epochs=0, max_iterations=30, **{target: 1.3}))
-    key = "macs" if target == "target_macs" else "latency_ms_b1"
-    reached = [log["baseline"][key] / e[key] for e in log["iterations"]]
+    cost = (lambda s: s["macs"]) if target == "target_macs" else (lambda s: latency(s, 1)["ms"])
+    reached = [cost(log["baseline"]) / cost(e) for e in log["iterations"]]
     assert what in log["stopped"] and reached[-1] >= 1.3
     assert len(reached) >= 2 and max(reached[:-1]) < 1.3  # not before
 
@@ -490,7 +491,7 @@ def test_latency_aware_measures_the_cost_every_iteration_and_uses_it(latency_fro
 
     calls = []
 
-    def cost(pruner, batch, device):  # the first conv's channels made very costly: they must go first
+    def cost(pruner, batch, device, runtime):  # the first conv's channels made very costly: they must go first
         calls.append(batch)
         c = torch.zeros(pruner.graph.num_units, dtype=torch.float64)
         first = pruner.groups[0]
@@ -626,8 +627,9 @@ def test_one_stopper_decides_stop_reason_and_roll_back():
     from filterprune.schedule import decide
 
     schedule = Schedule(target_macs=2.0, target_size=2.0, max_accuracy_drop=1.0, max_iterations=3, latency_batch=1)
-    base = {"accuracy": 0.8745, "macs": 100, "size_mb": 10.0, "latency_ms_b1": 1.0}
-    step = lambda acc, macs, size: {"accuracy": acc, "macs": macs, "size_mb": size, "latency_ms_b1": 1.0}  # noqa: E731
+    timing = [{"runtime": "eager", "batch": 1, "ms": 1.0, "iqr_ms": 0.0}]
+    base = {"accuracy": 0.8745, "macs": 100, "size_mb": 10.0, "latency": timing}
+    step = lambda acc, macs, size: {"accuracy": acc, "macs": macs, "size_mb": size, "latency": timing}  # noqa: E731
     assert decide(schedule, base, None, 0) == (False, None, False)
     assert decide(schedule, base, step(0.8645, 90, 9.0), 1) == (False, None, False)  # exactly the limit lost: kept
     stop, reason, back = decide(schedule, base, step(0.86, 90, 9.0), 2)
@@ -733,7 +735,8 @@ def test_timing_in_turns_keeps_each_models_lowest_time(monkeypatch):
     from filterprune import auto
 
     times = iter([5.0, 2.0, 4.0, 1.0, 6.0, 3.0])  # reference, model, reference, model, ...
-    monkeypatch.setattr(auto, "latency_ms", lambda model, inputs, **kw: next(times))
-    base, entry = {"latency_ms_b2": 10.0}, {"latency_ms_b2": 9.0}
-    auto._time_in_turns(base, entry, nn.Identity(), nn.Identity(), torch.zeros(1, 3), 2, "cpu")
-    assert (base["latency_ms_b2"], entry["latency_ms_b2"]) == (4.0, 1.0)
+    record = lambda ms: {"runtime": "eager", "batch": 2, "ms": ms, "iqr_ms": 0.0}  # noqa: E731
+    monkeypatch.setattr(auto, "timed", lambda model, example, runtime, batch, device: record(next(times)))
+    base, entry = {"latency": [record(10.0)]}, {"latency": [record(9.0)]}
+    auto._time_in_turns(base, entry, nn.Identity(), nn.Identity(), torch.zeros(1, 3), Schedule(latency_batch=2), "cpu")
+    assert (base["latency"][0]["ms"], entry["latency"][0]["ms"]) == (4.0, 1.0)

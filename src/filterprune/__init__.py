@@ -9,7 +9,8 @@
 
 from .criteria import CRITERIA, Criterion
 from .graph import ChannelGraph, GraphError, Group
-from .io import export_onnx, load, load_state_dict_file, save
+from .export import export_model, export_onnx
+from .io import load, load_state_dict_file, save
 from .measure import Profile, latency_ms, profile, speed_change
 from .models import ModelError, build, three_linear_head
 from .recipes.vgg import vgg16_layout  # the demo's network; importing it registers build("vgg16_layout")
@@ -18,6 +19,6 @@ from .schedule import Schedule, prune_iteratively
 
 __all__ = [
     "CRITERIA", "ChannelGraph", "Criterion", "GraphError", "Group", "ModelError", "Profile", "PruneResult", "Pruner",
-    "Schedule", "build", "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "prune_iteratively", "save",
+    "Schedule", "build", "export_model", "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "prune_iteratively", "save",
     "speed_change", "three_linear_head", "vgg16_layout",
 ]

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .distributed import Context
-from .measure import deployment_batch, latency_ms
-from .schedule import (Schedule, _latency, _line, _measure, _option, _prune_step, _pruner, _seed, _set_latency, _to, accuracy_drop,
+from .measure import deployment_batch, keep_lowest
+from .schedule import (Schedule, _latency, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, timed,
                        check_reachable, decide)
 from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
 
@@ -135,7 +135,7 @@ def prune_auto(
                  "removed": result.count, "removed_per_group": result.removed_per_group, "channels": result.channels,
                  "check": result.check, "curve": curve["scores"], "best_epoch": curve["best_epoch"], "epochs": curve["epochs"],
                  "fine_tune_stopped": curve["stopped"], "seconds": {"prune": round(t1 - t0, 1), "fine_tune": round(t2 - t1, 1)}}
-        _time_in_turns(base, entry, reference, model, example, aim.latency_batch, device)
+        _time_in_turns(base, entry, reference, model, example, aim, device)
         log["iterations"].append(entry)
         log["seconds"]["prune"] += t1 - t0
         log_fn(_line(entry, base, aim) + f"; asked {wanted:.2f}x fewer MACs, best of {curve['epochs']} epochs: {curve['best_epoch']}")
@@ -209,17 +209,16 @@ def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: 
     return unpruned
 
 
-def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, batch: int, device: str,
+def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule, device: str,
                    rounds: int = 3) -> None:
-    """Time the unpruned `reference` and the pruned `model` in turns, `rounds` times, and keep each one's
-    lowest time in `base` and `entry` (the baseline's over all steps): load from elsewhere on the machine
-    only slows a timing, so the lowest is the least disturbed one, and side by side both see the same load."""
-    if not isinstance(example, torch.Tensor):
-        return
-    inputs = example[:1].expand(batch, *example.shape[1:]).contiguous()
+    """Time the unpruned `reference` and the pruned `model` in turns, `rounds` times, in eager PyTorch and
+    aim.runtime, and keep each one's lowest time in `base` and `entry` (the baseline's over all steps):
+    load from elsewhere on the machine only slows a timing, so the lowest is the least disturbed one,
+    and side by side both see the same load."""
+    runtimes = tuple(dict.fromkeys(("eager", aim.runtime)))
     for _ in range(rounds):
-        _set_latency(base, batch, min(_latency(base, batch), latency_ms(reference, inputs, device=device, min_run_time=0.3)))
-        _set_latency(entry, batch, min(_latency(entry, batch), latency_ms(model, inputs, device=device, min_run_time=0.3)))
+        for summary, net in ((base, reference), (entry, model)):
+            summary["latency"] = keep_lowest(summary["latency"], [timed(net, example, r, aim.latency_batch, device) for r in runtimes])
 
 
 def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: float) -> float:
@@ -230,7 +229,7 @@ def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: f
     macs_done = base["macs"] / now["macs"]
     needs = []
     for target, reached in ((aim.target_macs, macs_done),
-                            (aim.target_speedup, _latency(base, aim.latency_batch) / _latency(now, aim.latency_batch)),
+                            (aim.target_speedup, _latency(base, aim.latency_batch, aim.runtime) / _latency(now, aim.latency_batch, aim.runtime)),
                             (aim.target_size, base["size_mb"] / now["size_mb"])):
         if target is None or reached >= target:
             continue

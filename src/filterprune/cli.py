@@ -5,7 +5,7 @@
     filterprune prune   --arch vgg16 --pretrained --data DIR --out runs/vgg16   # the blog's recipe
     filterprune eval    --model runs/vgg16/pruned.safetensors --data DIR
     filterprune profile --model runs/vgg16/pruned.safetensors
-    filterprune export  --model runs/vgg16/pruned.safetensors --out model.onnx
+    filterprune export  --model runs/vgg16/pruned.safetensors --out model.onnx   # --format openvino|executorch|pt2, --int8
     filterprune predict --model runs/vgg16/pruned.safetensors cat.jpg dog.jpg
 
 `--model` takes any file written by filterprune.save whose builder is recorded (filterprune,
@@ -35,12 +35,14 @@ from .cli_args import RECIPE, UsageError, dest, parse
 from .graph import GraphError
 from .checkpoint import CheckpointError
 from .checkpoint import load as load_checkpoint
+from .export import ExportError
+from .runtimes import RuntimeUnavailable
 from .schedule import Schedule, check_reachable, prune_iteratively
 from .train import evaluate, fine_tune
 from .utils import evaluating
 
 # The project's own errors about input: one line, exit 2. Anything else is a bug: a traceback.
-USER_ERRORS = (data.DataError, models.ModelError, CheckpointError, GraphError, UsageError)
+USER_ERRORS = (data.DataError, models.ModelError, CheckpointError, GraphError, UsageError, RuntimeUnavailable, ExportError)
 
 
 def _device(name: str) -> str:
@@ -306,17 +308,32 @@ def cmd_profile(args) -> int:
         model = _submodule(model, args.module)
         print(f"module {args.module}:")
     device = _device(args.device)
-    if args.cuda_graph and not device.startswith("cuda"):
-        raise UsageError(f"--cuda-graph times a CUDA graph, which needs a GPU: add --device cuda (this run's device is {device})")
-    print(profile(model, example, batch_sizes=batches, device=device, cuda_graph=args.cuda_graph))
+    if args.runtime == "cuda-graph" and not device.startswith("cuda"):
+        raise UsageError(f"--runtime cuda-graph times a CUDA graph, which needs a GPU: add --device cuda (this run's device is {device})")
+    print(profile(model, example, batch_sizes=batches, device=device, threads=args.threads, runtime=args.runtime))
     return 0
 
 
 def cmd_export(args) -> int:
+    from .export import export_model, onnx_accuracy, quantize_int8
+
+    if args.int8 and (args.format != "onnx" or not args.data):
+        raise UsageError("--int8 quantises with ONNX Runtime: give --format onnx and --data DIR (calibration and test images)")
     model = io.load(args.model)
     size = args.size or model.filterprune_metadata.get("image_size", 224)
-    path = io.export_onnx(model, _example(model, size), args.out)
-    print(f"wrote {path}")
+    path, error = export_model(model, _example(model, size), args.out, args.format)
+    print(f"wrote {path} ({args.format}); largest difference from PyTorch on the example input: {error:.2g}")
+    if args.int8:
+        train, test, _ = data.image_folder_datasets(args.data, size=size, test_fraction=args.test_fraction, seed=args.seed,
+                                                    augment=False)
+        calibration = torch.utils.data.Subset(train, range(min(args.calibration_images, len(train))))
+        int8 = quantize_int8(path, Path(path).with_suffix(".int8.onnx"),
+                             (images for images, _ in data.make_loader(calibration, args.batch_size, shuffle=False)))
+        test_loader = data.make_loader(test, args.batch_size, shuffle=False)
+        accuracy = {name: onnx_accuracy(p, test_loader) for name, p in (("float", path), ("int8", int8))}
+        print(f"wrote {int8} (int8, calibrated on {len(calibration)} training images); accuracy on the {len(test)} test "
+              f"images in ONNX Runtime: float {100 * accuracy['float']:.2f}%, int8 {100 * accuracy['int8']:.2f}% "
+              f"({100 * (accuracy['int8'] - accuracy['float']):+.2f} points)")
     return 0
 
 

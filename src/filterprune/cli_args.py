@@ -9,6 +9,9 @@ import tomllib
 import typing
 from pathlib import Path
 
+from .export import FORMATS
+from .runtimes import RUNTIMES
+
 DESCRIPTION = "The `filterprune` command: the demo, and the same pipeline on your own model and image folders."
 
 
@@ -165,12 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--size", type=int)
     p.add_argument("--batch-sizes", default="1,64")
-    p.add_argument("--cuda-graph", action="store_true", help="time the forward replayed as a CUDA graph (needs --device cuda)")
+    p.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                   help="where to time it (default eager PyTorch; cuda-graph needs --device cuda)")
+    p.add_argument("--threads", type=int, help="threads of the runtime while timed (default: all)")
 
-    p = command("export", "export a saved model to ONNX")
+    p = command("export", "export a saved model for a runtime, checked against PyTorch")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int)
+    p.add_argument("--format", default="onnx", choices=FORMATS,
+                   help="onnx (ONNX Runtime), openvino (IR .xml + .bin), executorch (.pte, XNNPACK), pt2 (torch.export)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write OUT with .int8.onnx: int8 static quantisation calibrated on --data's training images "
+                        "(--format onnx), its accuracy on the test images beside the float model's")
+    p.add_argument("--data", help="image folder for --int8 (calibration: its training split; accuracy: its test split)")
+    p.add_argument("--calibration-images", type=int, default=256, help="training images --int8 calibrates on")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held out per class when DIR has no test folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
 
     p = command("predict", "classify images with a saved model")
     p.add_argument("--model", required=True)

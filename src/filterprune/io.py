@@ -1,4 +1,4 @@
-"""Save and load (pruned) models as one .safetensors file without pickle, and export to ONNX.
+"""Save and load (pruned) models as one .safetensors file without pickle (exports: export.py).
 
 Pruning changes a model's shapes, so a pruned model no longer fits the module tree its builder
 makes. `save` stores, with the weights, every module's size attributes (the safetensors header
@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .surgery import SHAPE_ATTRIBUTES  # saved so the shrunk modules describe their new shapes
-from .utils import atomic_path, atomic_write, evaluating
+from .utils import atomic_write, state_tensors
 
 DEFAULT_TRUSTED = ("filterprune", "torchvision.models", "timm")
 FORMAT = 2
@@ -37,28 +37,6 @@ class ModelError(RuntimeError):
 
 class ModelFileError(ModelError, ValueError):
     """A model file is unreadable, refused, or does not fit the model."""
-
-
-def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state dict as safetensors can store it, and {dropped name: kept name} for shared tensors."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    storages: set[int] = set()
-    for name, t in model.state_dict().items():
-        t = t.detach()
-        ptr = t.untyped_storage().data_ptr()
-        key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and key in seen:  # the same tensor under two names (tied weights)
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        # safetensors refuses tensors that share memory, e.g. two views of one buffer.
-        tensors[name] = t.contiguous() if ptr not in storages else t.clone(memory_format=torch.contiguous_format)
-        if t.numel():
-            storages.add(ptr)
-    return tensors, aliases
-
 
 
 def save(model: nn.Module, path: str | Path, arch: dict | None = None, metadata: dict | None = None, *,
@@ -294,27 +272,3 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelFileError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(obj)
-
-
-def export_onnx(model: nn.Module, example_inputs, path: str | Path, opset: int | None = None) -> Path:
-    """Export `model` in eval mode to ONNX with a dynamic batch dimension, and check the result."""
-    import onnx
-
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    # torch.export specialises a dimension of size 1, so trace a batch of two to keep it dynamic.
-    inputs = tuple(x[:1].repeat(2, *[1] * (x.dim() - 1)) if x.shape[0] == 1 else x for x in inputs)
-    names = [f"input{i}" for i in range(len(inputs))]
-    path = Path(path)
-    with evaluating(model), atomic_path(path) as tmp:
-        # One file: the temporary name would end up inside an external-data reference.
-        common = dict(input_names=names, opset_version=opset, external_data=False)
-        try:
-            batch = torch.export.Dim("batch")
-            torch.onnx.export(model, inputs, tmp, dynamo=True, verbose=False,
-                              dynamic_shapes=tuple({0: batch} for _ in inputs), **common)
-        except Exception as e:  # the dynamo exporter does not handle every model yet
-            warnings.warn(f"dynamo ONNX export failed ({e!r}); retrying with the TorchScript exporter")
-            torch.onnx.export(model, inputs, tmp, dynamo=False,
-                              dynamic_axes={n: {0: "batch"} for n in names}, **common)
-        onnx.checker.check_model(str(tmp))
-    return path

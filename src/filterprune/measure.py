@@ -1,7 +1,10 @@
 """What a model costs: parameters, bytes on disk, multiply-accumulates and measured latency.
 
 Latency is a median with its spread (the interquartile range of block timings), so that a
-comparison can tell a change from noise: see `speed_change`. torch.utils.benchmark's Timer reads
+comparison can tell a change from noise: see `speed_change`. It is measured in a runtime
+(runtimes.py: eager PyTorch, torch.compile, CUDA graphs, ONNX Runtime, OpenVINO, ExecuTorch), and
+kept as records that name it: {"runtime", "version", "batch", "ms", "iqr_ms", "threads", "dtype",
+"device"} in a summary's "latency" list, read back with `latency`. torch.utils.benchmark's Timer reads
 its clock through torch.accelerator.synchronize() when an accelerator is present, so CUDA timings
 cover the kernels' execution, not only their launch.
 """
@@ -24,8 +27,8 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils.benchmark import Timer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from filterprune.io import state_tensors  # noqa: E402
-from filterprune.utils import evaluating  # noqa: E402
+from filterprune import runtimes  # noqa: E402
+from filterprune.utils import evaluating, state_tensors  # noqa: E402
 
 GPU_BATCH = 64  # the batch a GPU is deployed at: the headline there; batch 1 only measures launch overhead
 MIN_SAMPLES = 5  # block timings per median: fewer make the spread meaningless
@@ -46,7 +49,8 @@ class Profile:
     dtype: str
     threads: int
     latency_iqr_ms: dict[int, float] = field(default_factory=dict)  # batch size -> interquartile range (ms)
-    form: str = "eager"  # how the forward was run while timed: "eager" or "CUDA graph" (replayed)
+    runtime: str = "eager"  # what ran the forward while timed: a name of runtimes.RUNTIMES
+    runtime_version: str = ""
 
     @property
     def headline_batch(self) -> int | None:
@@ -55,13 +59,16 @@ class Profile:
             return None
         return GPU_BATCH if self.device.startswith("cuda") and GPU_BATCH in self.latency_ms else min(self.latency_ms)
 
+    def records(self) -> list[dict]:
+        """One latency record per measured batch size, naming the runtime and conditions."""
+        return [{"runtime": self.runtime, "version": self.runtime_version, "batch": b, "ms": ms,
+                 "iqr_ms": self.latency_iqr_ms.get(b, 0.0), "threads": self.threads, "dtype": self.dtype,
+                 "device": self.device} for b, ms in sorted(self.latency_ms.items())]
+
     def as_dict(self) -> dict:
-        """Flat and JSON-ready: latency_ms_b<N> and latency_iqr_ms_b<N> keys per measured batch size."""
-        out = {"params": self.params, "size_mb": self.size_mb, "macs": self.macs}
-        out.update({f"latency_ms_b{b}": ms for b, ms in sorted(self.latency_ms.items())})
-        out.update({f"latency_iqr_ms_b{b}": ms for b, ms in sorted(self.latency_iqr_ms.items())})
-        out.update(device=self.device, dtype=self.dtype, threads=self.threads, form=self.form)
-        return out
+        """JSON-ready: the counts, a "latency" list of records (see `latency`), and the conditions."""
+        return {"params": self.params, "size_mb": self.size_mb, "macs": self.macs, "latency": self.records(),
+                "device": self.device, "dtype": self.dtype, "threads": self.threads}
 
     def __str__(self) -> str:
         rows = [
@@ -73,7 +80,8 @@ class Profile:
             iqr = self.latency_iqr_ms.get(b)
             spread = f", IQR {iqr:.2f}" if iqr is not None else ""
             rows.append((f"latency, batch {b}", f"{ms:.2f} ms (median{spread})" + (" *" if b == self.headline_batch else "")))
-        rows.append(("measured on", f"{self.device}, {self.dtype}, {self.threads} threads, {self.form}"))
+        rows.append(("measured on", f"{self.device}, {self.dtype}, {self.threads} threads, "
+                                    f"{self.runtime} {self.runtime_version}".rstrip()))
         notes = [f"* headline batch ({'the deployment batch on a GPU' if self.device.startswith('cuda') else 'smallest measured'})"]
         if self.device.startswith("cuda") and 1 in self.latency_ms:
             notes.append(f"batch 1: {LAUNCH_BOUND}")
@@ -93,6 +101,34 @@ def deployment_batch(device: str | torch.device) -> int:
 def launch_note(device: str | torch.device, batch: int) -> str | None:
     """The caveat to print beside a batch-`batch` latency on `device`, or None."""
     return LAUNCH_BOUND if str(device).startswith("cuda") and batch == 1 else None
+
+
+def latency(summary: dict, batch: int, runtime: str = "eager") -> dict | None:
+    """The latency record of `runtime` at `batch` in a summary (Profile.as_dict, or a report's
+    baseline/pruned), or None where it was not measured."""
+    return next((r for r in summary.get("latency", []) if r["runtime"] == runtime and r["batch"] == batch), None)
+
+
+def latency_batches(summary: dict, runtime: str = "eager") -> list[int]:
+    """The batch sizes measured in `runtime`, smallest first."""
+    return sorted(r["batch"] for r in summary.get("latency", []) if r["runtime"] == runtime)
+
+
+def measured_runtimes(summary: dict) -> list[str]:
+    """The runtimes a summary has latency for, in the order first measured."""
+    return list(dict.fromkeys(r["runtime"] for r in summary.get("latency", [])))
+
+
+def keep_lowest(records: list[dict], new: list[dict]) -> list[dict]:
+    """`records` with each of `new` in place of the one of its runtime and batch where `new`'s median is
+    lower (or where there was none): the lowest of several medians, timed in turns, is the least
+    disturbed by other load on the machine, which slows a timing and never speeds one up."""
+    kept = {(r["runtime"], r["batch"]): r for r in records}
+    for r in new:
+        old = kept.get((r["runtime"], r["batch"]))
+        if old is None or r["ms"] < old["ms"]:
+            kept[(r["runtime"], r["batch"])] = r
+    return list(kept.values())
 
 
 def speed_change(before_ms: float, after_ms: float, before_spread: float, after_spread: float) -> str:
@@ -121,12 +157,14 @@ def profile(
     threads: int | None = None,
     min_run_time: float = 0.5,
     latency: bool = True,
-    cuda_graph: bool = False,
+    runtime: str = "eager",
 ) -> Profile:
     """Count parameters, size and MACs of `model` and time it at each batch size
-    (default: `default_batch_sizes(device)`, so batch 64 on a GPU). cuda_graph: time the forward
-    captured once and replayed as a CUDA graph, the deployed form that removes launch overhead."""
+    (default: `default_batch_sizes(device)`, so batch 64 on a GPU) in `runtime` (runtimes.RUNTIMES:
+    "eager", "compile", "cuda-graph", "onnxruntime", "openvino", "executorch"), prepared once per
+    batch size. A runtime not installed: RuntimeUnavailable, naming the extra to install."""
     inputs = _as_tuple(example_inputs)
+    run = runtimes.get(runtime)
     threads = threads or torch.get_num_threads()
     tensors, _ = state_tensors(model)
     times: dict[int, tuple[float, float]] = {}
@@ -135,8 +173,9 @@ def profile(
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             model(*_batch(inputs, 1, dev, layout, dtype))
         if latency:
+            run.check(dev)
             for b in batch_sizes or default_batch_sizes(dev):
-                times[b] = _timed_ms(model, _batch(inputs, b, dev, layout, dtype), threads, min_run_time, cuda_graph)
+                times[b] = _timed_ms(run, model, _batch(inputs, b, dev, layout, dtype), threads, min_run_time)
     return Profile(
         params=sum(p.numel() for p in model.parameters()),
         size_mb=len(safetensors.torch.save(tensors)) / 1e6,
@@ -146,27 +185,30 @@ def profile(
         device=str(dev),
         dtype=str(dtype or inputs[0].dtype).removeprefix("torch."),
         threads=threads,
-        form="CUDA graph" if cuda_graph else "eager",
+        runtime=runtime,
+        runtime_version=run.version(),
     )
 
 
 def latency_ms(
-    model: nn.Module, inputs, device: str | None = None, threads: int | None = None, min_run_time: float = 0.5
+    model: nn.Module, inputs, device: str | None = None, threads: int | None = None, min_run_time: float = 0.5,
+    runtime: str = "eager",
 ) -> float:
-    """Median milliseconds of one forward pass of `model` on `inputs` (eval mode, inference mode)."""
-    return latency_spread_ms(model, inputs, device, threads, min_run_time)[0]
+    """Median milliseconds of one forward pass of `model` on `inputs` (eval mode) in `runtime`."""
+    return latency_spread_ms(model, inputs, device, threads, min_run_time, runtime)[0]
 
 
 def latency_spread_ms(
     model: nn.Module, inputs, device: str | None = None, threads: int | None = None, min_run_time: float = 0.5,
-    cuda_graph: bool = False,
+    runtime: str = "eager",
 ) -> tuple[float, float]:
-    """(median, interquartile range) in milliseconds of one forward pass of `model` on `inputs`
-    (cuda_graph: replayed as a CUDA graph)."""
-    layout, dtype = _layout(model), _float_dtype(model)
+    """(median, interquartile range) in milliseconds of one forward pass of `model` on `inputs` in
+    `runtime` (runtimes.RUNTIMES), prepared once (compiled, exported or captured) before timing."""
+    layout, dtype, run = _layout(model), _float_dtype(model), runtimes.get(runtime)
     with _measuring(model, device) as dev:
+        run.check(dev)
         batch = tuple(_placed(x, dev, layout, dtype) for x in _as_tuple(inputs))
-        return _timed_ms(model, batch, threads or torch.get_num_threads(), min_run_time, cuda_graph)
+        return _timed_ms(run, model, batch, threads or torch.get_num_threads(), min_run_time)
 
 
 def time_ms(fn: Callable[[], object], threads: int | None = None, min_run_time: float = 0.5) -> tuple[float, float]:
@@ -184,29 +226,14 @@ def time_ms(fn: Callable[[], object], threads: int | None = None, min_run_time: 
     return median * 1e3, (q3 - q1) * 1e3
 
 
-def _timed_ms(model: nn.Module, inputs: tuple, threads: int, min_run_time: float,
-              cuda_graph: bool = False) -> tuple[float, float]:
-    if cuda_graph:
-        return time_ms(_graph_replay(model, inputs), threads, min_run_time)
-    # Timer runs the statement in this thread, so the inference mode set here applies to it.
-    with torch.inference_mode():
-        return time_ms(lambda: model(*inputs), threads, min_run_time)
-
-
-def _graph_replay(model: nn.Module, inputs: tuple) -> Callable[[], None]:
-    """The forward on `inputs` captured as a CUDA graph; returns its replay."""
-    if not all(x.is_cuda for x in inputs):
-        raise ValueError("cuda_graph=True times a CUDA graph: give device='cuda' (a GPU is needed)")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(WARMUP):  # off the capture: cuDNN's choice of kernels, the allocator
-            model(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        model(*inputs)
-    return graph.replay
+def _timed_ms(run: runtimes.Runtime, model: nn.Module, inputs: tuple, threads: int, min_run_time: float) -> tuple[float, float]:
+    """Prepare `model` on `inputs` in `run` with `threads` threads, then time the prepared call."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the torch runtimes' threads while they compile and capture, too
+    try:
+        return time_ms(run.prepare(model, inputs, threads), threads, min_run_time)
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager

@@ -4,14 +4,16 @@ Every file is written atomically (utils.atomic_path), so a crash or a full disk 
 half-written report, and a failed write leaves the previous report as it was.
 
 Every "faster"/"slower" goes through measure.speed_change: a change inside the measured spread
-(latency_iqr_ms_b<N>) reads "no measurable change". On a GPU the headline latency is batch 64.
+(a latency record's iqr_ms) reads "no measurable change". On a GPU the headline latency is batch 64.
+Latency is read with measure.latency from each summary's "latency" records; where a runtime was
+measured beside eager PyTorch (Schedule.runtime), it is the headline and eager is shown beside it.
 
 Keys read from the report dict, besides baseline/pruned/control summaries and iterations:
   skipped: list of strings, ops left out of pruning and why (a section when non-empty);
   iterations[i]["check"]: "exact" | "forward-only", which check verified that removal;
   labels: {summary key: row label}, e.g. {"accuracy_800": "accuracy, 800 test images"};
   reference: {"label": str, "note": str, "before": {summary key: value}, "after": {...}},
-    published figures shown beside ours (their keys are ours: "accuracy_800", "latency_ms_b1"...);
+    published figures shown beside ours (their keys are ours: "accuracy_800", "latency"...);
   loop: {"baseline": {...}, "final": {...}, "evaluated_on": str, "control_accuracy": float}: the
     loop's own measurements, for the iterations table and plot, when the loop evaluated on other
     data than the headline.
@@ -20,12 +22,11 @@ Keys read from the report dict, besides baseline/pruned/control summaries and it
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global figures, no display needed
 
-from .measure import GPU_BATCH, launch_note, speed_change
+from .measure import GPU_BATCH, latency, latency_batches, launch_note, measured_runtimes, speed_change
 from .schedule import accuracy_drop, within_drop
 from .utils import atomic_path, atomic_write
 
@@ -34,9 +35,8 @@ COLORS = {"baseline": "tab:gray", "control": "tab:green", "pruned": "tab:blue"}
 # (key in the summaries, row label, kind); accuracy and latency rows are found in the summaries
 ROWS = [("size_mb", "size on disk (MB)", "mb"), ("params", "parameters", "count"), ("macs", "MACs per image", "count")]
 WORDS = {"mb": ("smaller", "larger"), "count": ("fewer", "more")}
-TARGETS = {"latency_b1": ("latency_ms_b1", "faster at batch 1"), "latency_b64": ("latency_ms_b64", "faster at batch 64"),
-           "size": ("size_mb", "smaller on disk"), "macs": ("macs", "fewer MACs per image"), "params": ("params", "fewer parameters")}
-LATENCY = re.compile(r"latency_ms_b(\d+)$")
+TARGETS = {"size": ("size_mb", "smaller on disk"), "macs": ("macs", "fewer MACs per image"), "params": ("params", "fewer parameters")}
+LATENCY_TARGETS = {"latency_b1": 1, "latency_b64": 64}  # target name -> batch, in the headline runtime
 
 
 def _value(kind: str, v) -> str:
@@ -61,23 +61,46 @@ def _change(kind: str, before, after) -> str:
     return f"{ratio:.1f}x {better}" if ratio >= 1 else f"{1 / ratio:.1f}x {worse}"
 
 
-def _speed(before: dict, after: dict, batch: int) -> str:
-    """speed_change of two summaries at `batch`, with their spreads; says so where a spread was not measured."""
-    key, spread = f"latency_ms_b{batch}", f"latency_iqr_ms_b{batch}"
-    if not before.get(key) or not after.get(key):
+def _get(summary: dict, key):
+    """A summary's value for a row key: a field's name, or (runtime, batch) for a latency in ms."""
+    if isinstance(key, tuple):
+        record = latency(summary, key[1], key[0])
+        return record["ms"] if record else None
+    return summary.get(key)
+
+
+def _speed(before: dict, after: dict, batch: int, runtime: str = "eager") -> str:
+    """speed_change of two summaries at `batch` in `runtime`, with their spreads; says so where a spread was not measured."""
+    b, a = latency(before, batch, runtime), latency(after, batch, runtime)
+    if not b or not a or not b["ms"] or not a["ms"]:
         return "–"
-    if spread in before and spread in after:
-        return speed_change(before[key], after[key], before[spread], after[spread])
-    return speed_change(before[key], after[key], 0.0, 0.0) + " (spread not measured)"
+    if "iqr_ms" in b and "iqr_ms" in a:
+        return speed_change(b["ms"], a["ms"], b["iqr_ms"], a["iqr_ms"])
+    return speed_change(b["ms"], a["ms"], 0.0, 0.0) + " (spread not measured)"
 
 
-def _batches(*summaries: dict) -> list[int]:
-    return sorted({int(m.group(1)) for s in summaries for k in s if (m := LATENCY.match(k))})
+def _batches(*summaries: dict, runtime: str = "eager") -> list[int]:
+    return sorted({b for s in summaries for b in latency_batches(s, runtime)})
+
+
+def _runtimes(*summaries: dict) -> list[str]:
+    """The runtimes measured, the headline first: the one the model ships on, measured beside eager PyTorch."""
+    found = list(dict.fromkeys(r for s in summaries for r in measured_runtimes(s)))
+    return sorted(found, key=lambda r: r == "eager")
+
+
+def _headline_runtime(summary: dict) -> str:
+    return (_runtimes(summary) or ["eager"])[0]
+
+
+def _in(runtime: str, summary: dict) -> str:
+    """' in onnxruntime' where a summary has runtimes beside eager, else '' (eager only: as always)."""
+    return f" in {runtime}" if len(_runtimes(summary)) > 1 or runtime != "eager" else ""
 
 
 def _headline_batch(summary: dict) -> int | None:
     """GPU_BATCH on a GPU where measured (batch 1 there is launch overhead), else the smallest measured batch."""
-    batches = _batches(summary)
+    batches = _batches(summary, runtime=_headline_runtime(summary))
     if str(summary.get("device", "")).startswith("cuda") and GPU_BATCH in batches:
         return GPU_BATCH
     return batches[0] if batches else None
@@ -101,12 +124,13 @@ def _rows(report: dict) -> list[tuple[str, str, str]]:
     accuracies = [k for k in dict.fromkeys([*base, *pruned]) if k == "accuracy" or k.startswith("accuracy_")]
     rows = [(k, labels.get(k, f"accuracy ({k.removeprefix('accuracy_')})"), "acc") for k in accuracies]
     rows += [(k, label, kind) for k, label, kind in ROWS if k in base or k in pruned]
-    return rows + [(f"latency_ms_b{b}", f"latency, batch {b} (ms)", "ms") for b in _batches(base, pruned)]
+    return rows + [((runtime, b), f"latency, batch {b}{_in(runtime, base)} (ms)", "ms")
+                   for runtime in _runtimes(base, pruned) for b in _batches(base, pruned, runtime=runtime)]
 
 
-def _cells(kind: str, key: str, before: dict, after: dict) -> str:
+def _cells(kind: str, key, before: dict, after: dict) -> str:
     if kind == "ms":
-        return _speed(before, after, int(LATENCY.match(key).group(1)))
+        return _speed(before, after, key[1], key[0])
     return _change(kind, before.get(key), after.get(key))
 
 
@@ -118,10 +142,10 @@ def headline_table(report: dict) -> str:
               "pruned", "pruned vs baseline", *([f"{ref['label']} before", f"{ref['label']} after", f"{ref['label']} change"] if ref else [])]
     rows = []
     for key, label, kind in _rows(report):
-        row = [label, _value(kind, base.get(key)), *([_value(kind, control.get(key))] if control else []),
-               _value(kind, pruned.get(key)), _cells(kind, key, base, pruned)]
+        row = [label, _value(kind, _get(base, key)), *([_value(kind, _get(control, key))] if control else []),
+               _value(kind, _get(pruned, key)), _cells(kind, key, base, pruned)]
         if ref:
-            before, after = ref["before"].get(key), ref["after"].get(key)
+            before, after = _get(ref["before"], key), _get(ref["after"], key)
             row += [_value(kind, before), _value(kind, after), _cells(kind, key, ref["before"], ref["after"])] \
                 if before is not None else ["", "", ""]
         rows.append(row)
@@ -130,7 +154,9 @@ def headline_table(report: dict) -> str:
     note = (f"Latency: {how} on {device}, {base.get('dtype', '?')}, {base.get('threads', '?')} threads; "
             "a change within the two timings' interquartile ranges reads \"no measurable change\"")
     if batch is not None:
-        note += f"; headline: batch {batch}"
+        note += f"; headline: batch {batch}" + _in(_headline_runtime(base), base)
+    if versions := {(r["runtime"], r.get("version", "")) for r in base.get("latency", [])}:
+        note += "; runtimes: " + ", ".join(f"{name} {version}".strip() for name, version in sorted(versions))
     if 1 in _batches(base) and (caveat := launch_note(device, 1)):
         note += f"; batch 1: {caveat}"
     if ref and ref.get("note"):
@@ -143,8 +169,11 @@ def _summary(report: dict) -> str:
     before, after = sum(report.get("channels_before", {}).values()), sum(_final_channels(report).values())
     its = report.get("iterations", [])
     rejected = sum(1 for it in its if it.get("rejected"))
-    batch = _headline_batch(base)
-    speed = (f"{_speed(base, pruned, batch)} at batch {batch}" if batch is not None else "not timed") + f" on {base.get('device', '?')}"
+    batch, runtime = _headline_batch(base), _headline_runtime(base)
+    speed = (f"{_speed(base, pruned, batch, runtime)} at batch {batch}" if batch is not None else "not timed") + \
+        f" on {base.get('device', '?')}{_in(runtime, base)}"
+    if batch is not None and runtime != "eager":
+        speed += f" (eager PyTorch: {_speed(base, pruned, batch)})"
     text = f"On {' vs '.join(task['pair'])} ({task.get('train_images', '?')} training images), " if "pair" in task else ""
     text += (f"pruning removed {before - after} of {before} channels ({100 * (before - after) / max(before, 1):.0f}%) in "
              f"{len(its) - rejected} iterations" + (f" ({rejected} more rejected)" if rejected else "") +
@@ -159,9 +188,9 @@ def _summary(report: dict) -> str:
                  f"{control.get('extra_epochs', '?')} extra epochs ({_change('acc', control['accuracy'], pruned['accuracy'])})")
     text += "."
     if ref := report.get("reference"):
-        pairs = [f"{label} {_value(kind, ref['before'][key])} -> {_value(kind, ref['after'][key])}"
+        pairs = [f"{label} {_value(kind, _get(ref['before'], key))} -> {_value(kind, _get(ref['after'], key))}"
                  for key, label, kind in _rows({"baseline": ref["before"], "pruned": ref["after"], "labels": report.get("labels", {})})
-                 if key in ref["before"] and key in ref["after"]]
+                 if _get(ref["before"], key) is not None and _get(ref["after"], key) is not None]
         text += f" For comparison, {ref['label']}" + (f" ({ref['note']})" if ref.get("note") else "") + f": {'; '.join(pairs)}."
     return text
 
@@ -176,15 +205,16 @@ def _targets(report: dict) -> list[str]:
             drop, met = accuracy_drop(reference["accuracy"], pruned["accuracy"]), within_drop(reference["accuracy"], pruned["accuracy"], goal)
             lines.append(f"- lose at most {goal} accuracy points against {label}: lost {drop:.2f} points — "
                          f"**{'MET' if met else 'MISSED'}**")
+        elif name in LATENCY_TARGETS and _get(base, key := (runtime := _headline_runtime(base), LATENCY_TARGETS[name])) \
+                and _get(pruned, key):
+            # a speed-up counts only beyond the noise, and is worded by speed_change
+            said = _speed(base, pruned, key[1], runtime)
+            met = _get(base, key) / _get(pruned, key) >= goal and said.endswith("faster")
+            lines.append(f"- {goal}x faster at batch {key[1]}{_in(runtime, base)}: reached {said} — **{'MET' if met else 'MISSED'}**")
         elif name in TARGETS and base.get(TARGETS[name][0]) and pruned.get(TARGETS[name][0]):
             key, words = TARGETS[name]
             reached = base[key] / pruned[key]
-            if match := LATENCY.match(key):  # a speed-up counts only beyond the noise, and is worded by speed_change
-                said = _speed(base, pruned, int(match.group(1)))
-                met = reached >= goal and said.endswith("faster")
-            else:
-                said, met = f"{reached:.2f}x", reached >= goal
-            lines.append(f"- {goal}x {words}: reached {said} — **{'MET' if met else 'MISSED'}**")
+            lines.append(f"- {goal}x {words}: reached {reached:.2f}x — **{'MET' if reached >= goal else 'MISSED'}**")
         else:
             lines.append(f"- {name} = {goal}: NOT CHECKED (no numbers for it in this report)")
     return lines
@@ -195,18 +225,20 @@ def _iteration_rows(report: dict) -> tuple[list[str], list[list]]:
     # it evaluated on), so that every accuracy in this table comes from the same images.
     loop = report.get("loop", {})
     base, iterations, pruned = loop.get("baseline", report["baseline"]), report.get("iterations", []), loop.get("final", report["pruned"])
-    batches = _batches(*iterations) or _batches(base)
+    runtimes = _runtimes(base) or ["eager"]
+    batches = _batches(*iterations, runtime=runtimes[0]) or _batches(base, runtime=runtimes[0])
     batch = _headline_batch(base) if _headline_batch(base) in batches else (batches[0] if batches else None)
-    key = f"latency_ms_b{batch}"
     checks = any("check" in it for it in iterations)
     accuracy = f"accuracy ({loop['evaluated_on']})" if "evaluated_on" in loop else "accuracy"
-    header = ["iteration", "channels removed", accuracy, "MACs reduction", "size (MB)", f"latency b{batch} (ms)",
-              "speed vs baseline", *(["verified by"] if checks else [])]
+    timings = [[f"latency b{batch}{_in(r, base)} (ms)", "speed vs baseline" + (f" ({r})" if _in(r, base) else "")] for r in runtimes]
+    header = ["iteration", "channels removed", accuracy, "MACs reduction", "size (MB)", *sum(timings, []),
+              *(["verified by"] if checks else [])]
 
     def row(name, removed, summary, check=""):
-        speed = _speed(base, summary, batch) if batch and summary is not base else ""
+        times = [[_value("ms", _get(summary, (r, batch))), _speed(base, summary, batch, r) if batch and summary is not base else ""]
+                 for r in runtimes]
         return [name, removed, _value("acc", summary["accuracy"]), f"{base['macs'] / summary['macs']:.2f}x",
-                _value("mb", summary["size_mb"]), _value("ms", summary.get(key)), speed, *([check] if checks else [])]
+                _value("mb", summary["size_mb"]), *sum(times, []), *([check] if checks else [])]
 
     rows = [row("0 (baseline)", "", base)]
     rows += [row(f"{it['iteration']}{' (rejected: lost too much accuracy)' if it.get('rejected') else ''}", it["removed"], it,
@@ -336,12 +368,12 @@ def _plot_channels(report: dict) -> Figure:
 def _plot_cost(report: dict) -> Figure:
     base, pruned = report["baseline"], report["pruned"]
     models = [(n, report[n]) for n in ("baseline", "control", "pruned") if report.get(n)]
-    panels = [(f"latency_ms_b{b}", f"latency, batch {b} (ms)" + (" (launch-bound)" if launch_note(base.get("device", ""), b) else ""))
-              for b in _batches(base) if b in _batches(pruned)]
+    panels = [((r, b), f"latency, batch {b}{_in(r, base)} (ms)" + (" (launch-bound)" if launch_note(base.get("device", ""), b) else ""))
+              for r in _runtimes(base) for b in _batches(base, runtime=r) if b in _batches(pruned, runtime=r)]
     panels += [("size_mb", "size on disk (MB)")] if "size_mb" in base and "size_mb" in pruned else []
     fig = Figure(figsize=(3.2 * len(panels) + 0.6, 3.8), layout="constrained")
     for ax, (key, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        shown, kind = [(n, m[key]) for n, m in models if m.get(key) is not None], "mb" if key == "size_mb" else "ms"
+        shown, kind = [(n, _get(m, key)) for n, m in models if _get(m, key) is not None], "mb" if key == "size_mb" else "ms"
         bars = ax.bar([n for n, _ in shown], [v for _, v in shown], color=[COLORS[n] for n, _ in shown])
         ax.bar_label(bars, [_value(kind, v) for _, v in shown], fontsize=8)
         ax.set_ylim(0, 1.15 * max(v for _, v in shown))

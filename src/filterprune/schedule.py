@@ -21,8 +21,10 @@ from torch import nn
 from . import checkpoint
 from .criteria import CRITERIA
 from .distributed import Context
-from .measure import deployment_batch, latency_ms, profile, speed_change
+from .measure import deployment_batch, latency, profile, speed_change
 from .pruner import NORMALIZE, Pruner
+from .runtimes import RUNTIMES
+from .runtimes import get as get_runtime
 from .surgery import remove_units
 from .train import evaluate, fine_tune
 
@@ -48,6 +50,8 @@ class Schedule:
     2015: (1 - a) * task loss + a * KD at `temperature`), amp (bf16 autocast while training),
     channels_last. latency_aware: measure what each group's channels cost in time on this device,
     at latency_batch, and use that in place of MACs in the regularisation (flops_lambda).
+    runtime: where latency is measured for target_speedup and latency_aware (runtimes.RUNTIMES,
+    e.g. "onnxruntime"): the runtime the model ships on; eager PyTorch is measured beside it.
     """
 
     criterion: str = _option("taylor", "how units are ranked", choices=CRITERIA)
@@ -73,6 +77,8 @@ class Schedule:
     latency_aware: bool = _option(False, "regularise by measured latency per channel instead of MACs")
     latency_batch: int | None = _option(None, "batch size of the measured latency (targets, --latency-aware; "
                                               "default 64 on a GPU, 1 on the CPU)")
+    runtime: str = _option("eager", "where latency is measured (--target-speedup, --latency-aware, the report): the runtime "
+                                    "you ship on; eager PyTorch is measured beside it", choices=tuple(RUNTIMES))
     round_to: int | str = _option("auto", "keep channel counts at multiples of this ('auto': 8 on CUDA, 1 on the CPU)")
     normalize: str = _option("mean", "how scores of different layers are made comparable (mean: each layer's scores divided by "
                                      "their mean, size-neutral; l2: the paper's per-layer L2 norm; macs: mean, then per MAC a "
@@ -82,16 +88,20 @@ class Schedule:
     seed: int = 0  # the CLI's --seed, shared by every command
 
 
+def timed(model: nn.Module, example, runtime: str, batch: int, device: str, min_run_time: float = 0.3) -> dict:
+    """The loop's one way to time a model: the latency record (measure.latency) of `runtime` at
+    `batch`, the model prepared for it once (exported, compiled or captured)."""
+    return profile(model, example, batch_sizes=(batch,), device=device, min_run_time=min_run_time, runtime=runtime).records()[0]
+
+
 def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", share: float = 0.25,
-                       min_run_time: float = 0.3) -> torch.Tensor:
-    """Milliseconds each unit costs on this device at this batch size (in the model's dtype): prune
-    `share` of one group at a time from a copy and time it (min_run_time: seconds per timing block).
-    Scaled so the total equals the MACs total (in MMACs): only the spread changes, and flops_lambda
-    keeps its meaning."""
-    first = pruner.example_inputs[0]
-    dtype = next(pruner.model.parameters()).dtype
-    example = first[:1].expand(batch, *first.shape[1:]).to(dtype if first.is_floating_point() else first.dtype).contiguous()
-    base = latency_ms(pruner.model, example, device=device, min_run_time=min_run_time)
+                       min_run_time: float = 0.3, runtime: str = "eager") -> torch.Tensor:
+    """Milliseconds each unit costs on this device in `runtime` at this batch size (in the model's
+    dtype): prune `share` of one group at a time from a copy and time it (min_run_time: seconds per
+    timing block). Scaled so the total equals the MACs total (in MMACs): only the spread changes,
+    and flops_lambda keeps its meaning."""
+    example = pruner.example_inputs
+    base = timed(pruner.model, example, runtime, batch, device, min_run_time)["ms"]
     cost = torch.zeros(pruner.graph.num_units, dtype=torch.float64)
     for group in pruner.groups:
         k = max(1, int(group.size * share))
@@ -101,7 +111,7 @@ def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", shar
         remove = torch.zeros(pruner.graph.num_units, dtype=torch.bool)
         remove[group.offset:group.offset + k] = True
         remove_units(trial, pruner.graph, remove)
-        saved = base - latency_ms(trial, example, device=device, min_run_time=min_run_time)
+        saved = base - timed(trial, example, runtime, batch, device, min_run_time)["ms"]
         cost[group.offset:group.offset + group.size] = max(saved, 0.0) / k
     macs = pruner.graph.unit_cost() / 1e6
     return cost * (macs.sum() / cost.sum()) if cost.sum() > 0 else macs
@@ -241,7 +251,7 @@ def _prune_step(pruner: Pruner, schedule: Schedule, loader, loss_fn, ctx: Contex
                 target: dict):
     """Rank with the measured cost if asked, and remove units: `target` is Pruner.prune's keyword."""
     if schedule.latency_aware and schedule.flops_lambda:
-        cost = ctx.on_main(lambda: measured_unit_cost(pruner, schedule.latency_batch, device))
+        cost = ctx.on_main(lambda: measured_unit_cost(pruner, schedule.latency_batch, device, runtime=schedule.runtime))
         pruner.unit_cost = lambda _p: cost
     pruner.rank(loader, loss_fn, device=device, max_batches=schedule.rank_batches, progress=progress, reduce=ctx.reduce)
     return pruner.prune(**target)
@@ -251,10 +261,11 @@ def _measure(model: nn.Module, example, evaluation: dict, schedule: Schedule, de
     if schedule.metric not in evaluation:
         raise ValueError(f"the evaluation gave {sorted(evaluation)}, not {schedule.metric!r}: return it from evaluate_fn, "
                          "or set Schedule(metric=...) to one of these")
-    batch = schedule.latency_batch
-    prof = profile(model, example, batch_sizes=(batch,), device=device, min_run_time=0.3).as_dict()
-    kept = ("params", "size_mb", "macs", f"latency_ms_b{batch}", f"latency_iqr_ms_b{batch}", "device", "dtype", "threads")
-    return {**evaluation, **{k: prof[k] for k in kept}}
+    prof = profile(model, example, latency=False, device=device).as_dict()
+    # Eager PyTorch beside the runtime the model ships on, so that the report can show both.
+    records = [timed(model, example, name, schedule.latency_batch, device) for name in dict.fromkeys(("eager", schedule.runtime))]
+    kept = ("params", "size_mb", "macs", "device", "dtype", "threads")
+    return {**evaluation, **{k: prof[k] for k in kept}, "latency": records}
 
 
 class Verdict(NamedTuple):
@@ -310,7 +321,7 @@ def _to(inputs, device: str):
 # Options that change what a run computes: a resumed run must use the same ones (targets and the
 # number of iterations may change).
 _SAME_ON_RESUME = ("criterion", "step", "macs_step", "epochs", "lr", "optimizer", "weight_decay", "distill", "temperature", "amp", "channels_last",
-                   "flops_lambda", "latency_aware", "latency_batch", "round_to", "normalize", "min_channels", "rank_batches", "seed")
+                   "flops_lambda", "latency_aware", "latency_batch", "runtime", "round_to", "normalize", "min_channels", "rank_batches", "seed")
 
 
 def check_reachable(model: nn.Module, example_inputs, schedule: Schedule, ignore: Iterable[str] = ()) -> dict[str, float]:
@@ -318,7 +329,10 @@ def check_reachable(model: nn.Module, example_inputs, schedule: Schedule, ignore
     minimums; ValueError if schedule.target_macs or target_size asks for more than that reaches.
 
     Returns the best reachable {"macs": factor, "size": factor} (empty when no such target is set).
+    Also RuntimeUnavailable if schedule.runtime is not installed.
     """
+    first = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+    get_runtime(schedule.runtime).check(first.device)  # the device the loop measures on
     trial = copy.deepcopy(model)
     pruner = Pruner(trial, example_inputs, criterion="l1", ignore=_modules(trial, ignore),
                     min_channels=schedule.min_channels, round_to=schedule.round_to, verify=False)
@@ -355,13 +369,9 @@ def _pruner(model: nn.Module, example_inputs, schedule: Schedule, ignore: Iterab
                   flops_lambda=schedule.flops_lambda, seed=schedule.seed)
 
 
-def _latency(entry: dict, batch: int) -> float:
-    """An entry's measured latency at `batch`, in ms (the one place that knows how it is stored)."""
-    return entry[f"latency_ms_b{batch}"]
-
-
-def _set_latency(entry: dict, batch: int, ms: float) -> None:
-    entry[f"latency_ms_b{batch}"] = ms
+def _latency(entry: dict, batch: int, runtime: str) -> float:
+    """An entry's measured latency in `runtime` at `batch`, in ms (measure.latency's record)."""
+    return latency(entry, batch, runtime)["ms"]
 
 
 def target_reached(schedule: Schedule, base: dict, last: dict, every: bool = False) -> str | None:
@@ -369,7 +379,8 @@ def target_reached(schedule: Schedule, base: dict, last: dict, every: bool = Fal
     all are met), in words; None if none (not all)."""
     checks = [
         (schedule.target_macs, base["macs"] / last["macs"], "MACs reduction"),
-        (schedule.target_speedup, _latency(base, schedule.latency_batch) / _latency(last, schedule.latency_batch), "measured speed-up"),
+        (schedule.target_speedup, _latency(base, schedule.latency_batch, schedule.runtime)
+         / _latency(last, schedule.latency_batch, schedule.runtime), f"measured speed-up ({schedule.runtime})"),
         (schedule.target_size, base["size_mb"] / last["size_mb"], "size reduction"),
     ]
     checks = [(target, reached, what) for target, reached, what in checks if target is not None]
@@ -380,9 +391,9 @@ def target_reached(schedule: Schedule, base: dict, last: dict, every: bool = Fal
 
 
 def _line(entry: dict, base: dict, schedule: Schedule) -> str:
-    key, metric = f"latency_ms_b{schedule.latency_batch}", schedule.metric
-    spread = f"latency_iqr_ms_b{schedule.latency_batch}"
-    speed = speed_change(base[key], entry[key], base.get(spread, 0.0), entry.get(spread, 0.0))
+    metric, batch = schedule.metric, schedule.latency_batch
+    before, after = latency(base, batch, schedule.runtime), latency(entry, batch, schedule.runtime)
+    speed = speed_change(before["ms"], after["ms"], before["iqr_ms"], after["iqr_ms"])
     return (f"iteration {entry['iteration']}: removed {entry['removed']}, {metric} {100 * entry[metric]:.2f}% "
             f"(baseline {100 * base[metric]:.2f}%), MACs {base['macs'] / entry['macs']:.2f}x fewer, "
-            f"size {entry['size_mb']:.1f} MB, latency b{schedule.latency_batch} {entry[key]:.2f} ms ({speed})")
+            f"size {entry['size_mb']:.1f} MB, latency b{batch} {schedule.runtime} {after['ms']:.2f} ms ({speed})")

@@ -1,5 +1,6 @@
 """Small helpers every module needs once: an atomic file write, a mode-preserving eval switch,
-a snapshot of a model's state, and which indices of a slot a removal drops."""
+a snapshot of a model's state, which indices of a slot a removal drops, and a model's tensors as
+safetensors stores them (for io.save and measure's size on disk, without measure importing io)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,24 @@ def dropped_indices(owner: torch.Tensor, remove: torch.Tensor) -> torch.Tensor:
     dropped = torch.zeros_like(owned)
     dropped[owned] = remove[owner[owned]]
     return dropped
+
+
+def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict as safetensors can store it, and {dropped name: kept name} for shared tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr()
+        key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:  # the same tensor under two names (tied weights)
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        # safetensors refuses tensors that share memory, e.g. two views of one buffer.
+        tensors[name] = t.contiguous() if ptr not in storages else t.clone(memory_format=torch.contiguous_format)
+        if t.numel():
+            storages.add(ptr)
+    return tensors, aliases

@@ -124,8 +124,9 @@ class ChannelGraph:
 
     def _skip(self, node: fx.Node, what: str, why: str, in_labels, value):
         """Leave the channels an op touches out of pruning (or refuse, in strict mode)."""
-        scope = list(node.meta.get("nn_module_stack", {}))
-        where = f"in module '{scope[-1]}'" if scope else "at the model's top level"
+        # fx keys the stack by module name; export by an id, with (name, type) as the value.
+        scope = [v[0] if isinstance(v, tuple) else k for k, v in node.meta.get("nn_module_stack", {}).items()]
+        where = f"in module '{scope[-1]}'" if scope and scope[-1] else "at the model's top level"
         message = f"{what} {where} (node '{node.name}'): {why}; its channels are left out of pruning"
         message += ops.source_line(node)
         if self.strict:

@@ -22,7 +22,7 @@ from . import checkpoint
 from .distributed import Context
 from .measure import deployment_batch, latency_ms, profile, speed_change
 from .pruner import Pruner
-from .surgery import remove_units
+from .surgery import removed
 from .train import evaluate, fine_tune
 
 
@@ -73,9 +73,9 @@ class Schedule:
 
 def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", share: float = 0.25,
                        min_run_time: float = 0.3) -> torch.Tensor:
-    """Milliseconds each unit costs on this device at this batch size (in the model's dtype): prune
-    `share` of one group at a time from a copy and time it (min_run_time: seconds per timing block).
-    Scaled so the total equals the MACs total (in MMACs): only the spread changes, and flops_lambda
+    """Milliseconds each unit costs on this device at this batch size (in the model's dtype): cut
+    `share` of one group at a time, time it and put it back (surgery.removed; min_run_time: seconds
+    per timing block). Scaled so the total equals the MACs total (in MMACs): only the spread changes, and flops_lambda
     keeps its meaning."""
     first = pruner.example_inputs[0]
     dtype = next(pruner.model.parameters()).dtype
@@ -86,11 +86,10 @@ def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", shar
         k = max(1, int(group.size * share))
         if group.size - k < 1:
             continue
-        trial = copy.deepcopy(pruner.model)
         remove = torch.zeros(pruner.graph.num_units, dtype=torch.bool)
         remove[group.offset:group.offset + k] = True
-        remove_units(trial, pruner.graph, remove)
-        saved = base - latency_ms(trial, example, device=device, min_run_time=min_run_time)
+        with removed(pruner.model, pruner.graph, remove):
+            saved = base - latency_ms(pruner.model, example, device=device, min_run_time=min_run_time)
         cost[group.offset:group.offset + group.size] = max(saved, 0.0) / k
     macs = pruner.graph.unit_cost() / 1e6
     return cost * (macs.sum() / cost.sum()) if cost.sum() > 0 else macs

@@ -15,7 +15,7 @@ removal touches a norm across channels (LayerNorm, GroupNorm) exactness is undef
 output shapes are compared ("forward-only"). Prints a markdown table and writes JSON.
 
     pip install -e '.[zoo,bench]'
-    YOLO_OFFLINE=1 python benchmarks/bench_zoo.py [--models unet,yolov8n] [--no-torch-pruning] [--json zoo.json]
+    python benchmarks/bench_zoo.py [--models unet,yolov8n] [--frontend fx] [--no-torch-pruning] [--json zoo.json]
 """
 
 from __future__ import annotations
@@ -275,12 +275,12 @@ def check(case: Case, original: nn.Module, pruned: nn.Module, removed: dict[str,
 
 # ---------------------------------------------------------------- the two pruners
 
-def run_filterprune(case: Case) -> dict:
+def run_filterprune(case: Case, frontend: str) -> dict:
     model = build(case)
     x = inputs(case, 1, 0)
     original, before = copy.deepcopy(model), macs(model, x)
     try:
-        pruner = fp.Pruner(model, x, criterion="l1", scope="layer", ignore=head_of(case, model, x))
+        pruner = fp.Pruner(model, x, criterion="l1", scope="layer", ignore=head_of(case, model, x), frontend=frontend)
         result = pruner.prune(ratio=SHARE)
     except Exception as err:
         return {"check": f"failed: {one_line(err)}", "macs_before": before, "macs_after": before, "left_out": "-"}
@@ -363,6 +363,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="", help="comma-separated names (default: the whole zoo)")
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
+    parser.add_argument("--frontend", default="auto", choices=("auto", "export", "fx"),
+                        help="filterprune's front end (fx: the torch.fx tracer it had before torch.export)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds each pruner may take on one model")
     parser.add_argument("--json", default="bench_zoo.json", help="where to write the rows")
     args = parser.parse_args()
@@ -372,7 +374,7 @@ def main() -> None:
     print("| model | library | filterprune check | filterprune MMACs (cut) | left out | Torch-Pruning check | Torch-Pruning MMACs (cut) |")
     print("|---|---|---|---|---|---|---|")
     for case in chosen:
-        ours = limited(run_filterprune, case, args.timeout)
+        ours = limited(lambda c: run_filterprune(c, args.frontend), case, args.timeout)
         theirs = {"check": "not run", "macs_before": 0, "macs_after": 0} if args.no_torch_pruning else \
             limited(run_torch_pruning, case, args.timeout)
         rows.append({"model": case.name, "library": case.library, "filterprune": ours, "torch_pruning": theirs})

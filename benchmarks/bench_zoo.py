@@ -5,8 +5,9 @@ ultralytics (YOLOv8 and YOLO11 from their .yaml), MONAI (3-D) and timm (models o
 bench_timm.py's list), with random weights and nothing downloaded. Each is pruned once the same
 way by both libraries: l1 criterion, 30% of every layer (filterprune: scope="layer",
 prune(ratio=0.3); Torch-Pruning 1.6.1: MetaPruner, MagnitudeImportance(p=1), pruning_ratio=0.3,
-global_pruning=False), the head ignored (YOLO's whole Detect/Segment/Classify module, as
-Torch-Pruning's YOLOv8 example does; else the last conv or Linear to run, timm's classifier).
+global_pruning=False), the head ignored (the layers that give YOLO's outputs: each Detect/Segment
+branch's last conv, the DFL and the mask prototypes' last conv, Classify's Linear; else the last conv
+or Linear to run, timm's classifier).
 
 The check is this script's own, not the pruner's: the original model with the removed channels
 zeroed where they are consumed (found by matching the pruned layers' weights to the original's)
@@ -102,7 +103,13 @@ def timm_model(name: str) -> Callable[[], nn.Module]:
 
 
 def yolo_head(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.model[-1].modules() if isinstance(m, LAYERS)]
+    """The layers that give YOLO's outputs: each branch's last conv, the DFL and Proto's last conv, Classify's Linear."""
+    head = model.model[-1]
+    if hasattr(head, "linear"):  # Classify
+        return [head.linear]
+    branches = [getattr(head, name) for name in ("cv2", "cv3", "cv4") if hasattr(head, name)]
+    last = [branch[-1] for sequences in branches for branch in sequences]
+    return last + [head.dfl.conv] + ([head.proto.cv3.conv] if hasattr(head, "proto") else [])
 
 
 def timm_head(model: nn.Module) -> list[nn.Module]:
@@ -121,8 +128,8 @@ ZOO = [
     Case("hf-resnet50", "transformers", hf("ResNetConfig"), IMAGE),
     Case("hf-convnext-tiny", "transformers", hf("ConvNextConfig"), IMAGE),
     Case("hf-mobilenet_v2", "transformers", hf("MobileNetV2Config"), IMAGE),
-    Case("hf-efficientnet-b0", "transformers", hf("EfficientNetConfig", width_coefficient=1.0, depth_coefficient=1.0),
-         IMAGE),
+    Case("hf-efficientnet-b0", "transformers", hf("EfficientNetConfig", width_coefficient=1.0, depth_coefficient=1.0,
+                                                                  hidden_dim=1280), IMAGE),
     Case("hf-regnet-y", "transformers", hf("RegNetConfig"), IMAGE),
     Case("yolov8n", "ultralytics", yolo("yolov8n.yaml"), IMAGE, yolo_head),
     Case("yolov8n-cls", "ultralytics", yolo("yolov8n-cls.yaml"), IMAGE, yolo_head),
@@ -342,11 +349,12 @@ def one_line(err: Exception) -> str:
 
 
 def limited(run: Callable[[Case], dict], case: Case, seconds: int) -> dict:
+    """run(case), or a failed row if it takes longer than `seconds` or the model cannot even be built."""
     try:
         with time_limit(seconds):
             return run(case)
-    except TimeoutError as err:
-        return {"check": f"failed: {err}", "macs_before": 0, "macs_after": 0, "left_out": "-"}
+    except Exception as err:
+        return {"check": f"failed: {one_line(err)}", "macs_before": 0, "macs_after": 0, "left_out": "-"}
 
 
 def counts(row: dict) -> bool:
@@ -362,13 +370,15 @@ def cell(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="", help="comma-separated names (default: the whole zoo)")
+    parser.add_argument("--libraries", default="", help="comma-separated libraries (smp, transformers, ultralytics, monai, timm)")
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
     parser.add_argument("--frontend", default="auto", choices=("auto", "export", "fx"),
                         help="filterprune's front end (fx: the torch.fx tracer it had before torch.export)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds each pruner may take on one model")
     parser.add_argument("--json", default="bench_zoo.json", help="where to write the rows")
     args = parser.parse_args()
-    chosen = [c for c in ZOO if not args.models or c.name in args.models.split(",")]
+    chosen = [c for c in ZOO if (not args.models or c.name in args.models.split(","))
+              and (not args.libraries or c.library in args.libraries.split(","))]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     print("| model | library | filterprune check | filterprune MMACs (cut) | left out | Torch-Pruning check | Torch-Pruning MMACs (cut) |")
@@ -379,12 +389,12 @@ def main() -> None:
             limited(run_torch_pruning, case, args.timeout)
         rows.append({"model": case.name, "library": case.library, "filterprune": ours, "torch_pruning": theirs})
         print(f"| {case.name} | {case.library} | {cell(ours)} | {ours['left_out']} | {cell(theirs)} |", flush=True)
+        with open(args.json, "w") as f:  # after every model: a long run that is stopped keeps its rows
+            json.dump(rows, f, indent=1)
     ours_ok = sum(counts(r["filterprune"]) for r in rows)
     theirs_ok = sum(counts(r["torch_pruning"]) for r in rows)
     print(f"\nfilterprune: {ours_ok} of {len(rows)} pruned with a check and >= 1.3x fewer MACs; "
           f"Torch-Pruning: {theirs_ok} of {len(rows)} (at {SHARE:.0%} per layer, l1, head ignored)")
-    with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

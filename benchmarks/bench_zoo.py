@@ -328,11 +328,15 @@ def run_torch_pruning(case: Case) -> dict:
     return {"check": outcome, "macs_before": before, "macs_after": after}
 
 
+class OutOfTime(BaseException):
+    """A run took too long: a BaseException, so that no `except Exception` on the way takes it for the model's error."""
+
+
 @contextlib.contextmanager
 def time_limit(seconds: int):
-    """Raise TimeoutError in the main thread after `seconds` (a pruner that hangs on a model fails it)."""
+    """Raise OutOfTime in the main thread after `seconds` (a pruner that hangs on a model fails it)."""
     def expire(signum, frame):
-        raise TimeoutError(f"gave up after {seconds} s")
+        raise OutOfTime(f"gave up after {seconds} s")
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:
@@ -353,7 +357,7 @@ def limited(run: Callable[[Case], dict], case: Case, seconds: int) -> dict:
     try:
         with time_limit(seconds):
             return run(case)
-    except Exception as err:
+    except (Exception, OutOfTime) as err:
         return {"check": f"failed: {one_line(err)}", "macs_before": 0, "macs_after": 0, "left_out": "-"}
 
 
@@ -374,7 +378,7 @@ def main() -> None:
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
     parser.add_argument("--frontend", default="auto", choices=("auto", "export", "fx"),
                         help="filterprune's front end (fx: the torch.fx tracer it had before torch.export)")
-    parser.add_argument("--timeout", type=int, default=300, help="seconds each pruner may take on one model")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds each pruner may take on one model")
     parser.add_argument("--json", default="bench_zoo.json", help="where to write the rows")
     args = parser.parse_args()
     chosen = [c for c in ZOO if (not args.models or c.name in args.models.split(","))

@@ -385,7 +385,6 @@ def test_inexact_slots_are_checked_for_running_and_shapes_only(monkeypatch):
     model, pruner = make()
     for slot in pruner.graph.slots:  # as the graph marks a GroupNorm across channels
         slot.exact = slot.module != "bn"
-    monkeypatch.setattr(pruner, "_retrace", lambda: None)  # keep the marks for this one prune
     monkeypatch.setattr(surgery_module, "remove_units", corrupt_after_cut)
     result = pruner.prune(40)
     assert result.check == "forward-only" and result.removed_per_group.get("b")

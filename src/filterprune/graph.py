@@ -40,30 +40,9 @@ from .channels import PINNED, Books, Group, Slot
 from .trace import FxTrace, GraphError, Trace
 from .utils import dropped_indices
 
-__all__ = ["ChannelGraph", "GraphError", "Group", "PINNED", "Slot", "make_trace"]
+__all__ = ["ChannelGraph", "GraphError", "Group", "PINNED", "Slot"]
 
 FRONTENDS = ("auto", "fx", "export")
-
-
-def make_trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
-               frontend: str = "auto") -> Trace:
-    """Trace `model` with the front end asked for. "auto" uses torch.fx where it traces the model
-    as it runs on the example inputs, and torch.export elsewhere (keyword inputs, control flow
-    on shapes, `*args` forwards)."""
-    from .export import ExportTrace  # torch.export is imported only where it is used
-
-    if frontend not in FRONTENDS:
-        raise ValueError(f"frontend must be one of {FRONTENDS}, not {frontend!r}")
-    if frontend == "export" or (frontend == "auto" and example_kwargs):
-        return ExportTrace(model, example_inputs, example_kwargs)
-    if example_kwargs:
-        raise ValueError("example_kwargs need frontend='export' (or 'auto'): torch.fx traces positional inputs only")
-    try:
-        return FxTrace(model, example_inputs)
-    except GraphError:
-        if frontend == "fx":
-            raise
-        return ExportTrace(model, example_inputs)
 
 
 class ChannelGraph:
@@ -72,35 +51,56 @@ class ChannelGraph:
     `slots` lists every sliceable axis with the unit that owns each index; `groups` lists the
     removable groups; `skipped` says which ops were left out of pruning and why. Building it
     leaves the model's parameters, buffers and every module's train/eval mode as they were.
-    `trace` is a front end's Trace of the model; without one, the model is traced with
-    make_trace(model, example_inputs, example_kwargs, frontend).
+    frontend: "fx" (trace.py), "export" (export.py) or "auto": fx where it traces and its graph
+    runs, else export; keyword inputs need export. `trace`: a front end's Trace to use instead.
     """
 
     def __init__(self, model: nn.Module, example_inputs=(), ignore=(), strict: bool = False,
                  example_kwargs: dict | None = None, frontend: str = "auto", trace: Trace | None = None) -> None:
         self.model = model
         self.strict = strict
-        self.skipped: list[str] = []
-        self._books = Books()
-        self._uf = self._books.uf
         self._ignored = {id(m) for m in ignore}
         self._params = dict(model.named_parameters())
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
-        if trace is None:
-            trace = make_trace(model, tuple(example_inputs), example_kwargs, frontend)
-        self.trace = trace
+        example_inputs = tuple(example_inputs)
+        if frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}, not {frontend!r}")
+        if example_kwargs and frontend == "fx":
+            raise ValueError("example_kwargs need frontend='export' (or 'auto'): torch.fx traces positional inputs only")
+        from .export import ExportTrace  # torch.export is imported only where it is used
+
+        if trace is not None:
+            self._follow(trace)
+        elif frontend == "export" or example_kwargs:
+            self._follow(ExportTrace(model, example_inputs, example_kwargs))
+        elif frontend == "fx" or strict:
+            self._follow(FxTrace(model, example_inputs))
+        else:
+            # auto: fx where it traces and its graph runs; else export (fx refuses control flow on
+            # shapes and `*args` forwards, and may trace another program, as MONAI's BasicUNet).
+            try:
+                self._follow(FxTrace(model, example_inputs))
+            except GraphError:
+                self._follow(ExportTrace(model, example_inputs))
+
+    def _follow(self, trace: Trace) -> None:
+        """Run the label propagation over `trace` into fresh books."""
+        self.trace, self.skipped = trace, []
+        self._books = Books()
+        self._uf = self._books.uf
         self.frontend = "export" if not trace.sees_literals else "fx"
         self._env: dict[fx.Node, object] = {}
         self._labels: dict[fx.Node, object] = {}
         self._static: set[fx.Node] = set()  # computed from a layer's own tensors only: no channels
         try:
             trace.run(self._visit)
-        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        except Exception as err:  # a graph that does not run, or a rule that does not fit it: one error type
             if isinstance(err, GraphError):
                 raise
             hint = "; try frontend='export'" if trace.sees_literals else ""
-            raise GraphError(f"the channel labels could not follow {type(model).__name__}'s graph ({err}){hint}") from err
+            raise GraphError(f"the channel labels could not follow {type(self.model).__name__}'s graph "
+                             f"({' '.join(str(err).split())}){hint}") from err
         finally:
             self._env, self._labels = {}, {}
         self.groups, self.num_units = self._books.finish()

@@ -1,6 +1,6 @@
 """Trace a model into groups of coupled channels.
 
-A front end (trace.py: torch.fx; export.py: torch.export) gives the model's graph and each node's
+A front end (trace.py: torch.fx; trace_export.py: torch.export) gives the model's graph and each node's
 value on the example inputs. Beside every value we carry a *label tensor* of the same shape whose
 entries are channel ids:
 
@@ -51,7 +51,7 @@ class ChannelGraph:
     `slots` lists every sliceable axis with the unit that owns each index; `groups` lists the
     removable groups; `skipped` says which ops were left out of pruning and why. Building it
     leaves the model's parameters, buffers and every module's train/eval mode as they were.
-    frontend: "fx" (trace.py), "export" (export.py) or "auto": fx where it traces and its graph
+    frontend: "fx" (trace.py), "export" (trace_export.py) or "auto": fx where it traces and its graph
     runs, else export; keyword inputs need export. `trace`: a front end's Trace to use instead.
     """
 
@@ -68,7 +68,7 @@ class ChannelGraph:
             raise ValueError(f"frontend must be one of {FRONTENDS}, not {frontend!r}")
         if example_kwargs and frontend == "fx":
             raise ValueError("example_kwargs need frontend='export' (or 'auto'): torch.fx traces positional inputs only")
-        from .export import ExportTrace  # torch.export is imported only where it is used
+        from .trace_export import ExportTrace  # torch.export is imported only where it is used
 
         if trace is not None:
             self._follow(trace)

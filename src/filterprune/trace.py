@@ -4,7 +4,7 @@ A front end gives an fx.Graph and answers four questions about its nodes: which 
 node is (`attribute`), which op a node calls in torch's own terms (`op`), which layer's op a call
 is (`layer_call`: a conv module, or F.conv2d / aten.conv2d with a conv's weight), and what every
 node's value is on the example inputs (`run`). Two front ends exist: torch.fx symbolic tracing
-(here) and torch.export (export.py). Both trace in train mode, so that branches only used in
+(here) and torch.export (trace_export.py). Both trace in train mode, so that branches only used in
 training (auxiliary heads) are seen.
 """
 

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import filterprune as fp
-from filterprune.export import ExportTrace
+from filterprune.trace_export import ExportTrace
 from filterprune.graph import ChannelGraph
 
 

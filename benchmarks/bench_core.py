@@ -4,7 +4,8 @@
 
 1. Graph and pruning: time to build the channel graph (Pruner construction) of resnet50 at
    224x224 and to prune 30% of its channels (criterion l1), with verify=True and verify=False;
-   verification's cost is their difference (end to end, so as noisy as the two timings).
+   verification's cost is their difference (end to end, so as noisy as the two timings). Then
+   construction with each front end, torch.fx and torch.export (section "frontends").
 2. rank() per batch with criterion taylor, relative to a plain forward + backward of the same batch
    (target: at most 1.3x).
 3. VGG16 with 50% of every conv layer's channels removed: MACs reduction against measured latency
@@ -78,6 +79,23 @@ def bench_graph_and_prune(size: int) -> None:
     cost = prune_s[True] - prune_s[False]
     row(section, "verification: difference of the two", cost, "s")
     row(section, "  verification share of prune", 100 * cost / prune_s[True], "%")
+
+
+def bench_frontends(size: int, repeats: int = 3) -> None:
+    """Pruner construction with torch.fx (the front end before torch.export came) and with
+    torch.export (export, ATen label run, probe of every group, MACs); target: at most 2x."""
+    section = "resnet50 front ends"
+    print(f"[{section}] Pruner construction at {size}x{size}, criterion l1, median of {repeats}", flush=True)
+    example = torch.randn(1, 3, size, size)
+    model = torchvision.models.resnet50().eval()
+    median = {}
+    for frontend in ("fx", "export"):
+        times = sorted(seconds(lambda: fp.Pruner(model, example, criterion="l1", frontend=frontend)) for _ in range(repeats))
+        median[frontend] = times[len(times) // 2]
+        row(section, f"Pruner construction, frontend={frontend} (min..max {times[0]:.2f}..{times[-1]:.2f})",
+            median[frontend], "s")
+    ratio = median["export"] / median["fx"]
+    row(section, "export / fx (target <= 2)", ratio, f"x  {'MET' if ratio <= 2 else 'NOT MET'}")
 
 
 # ---- 2. rank() overhead ----------------------------------------------------------------------------------
@@ -155,12 +173,14 @@ def main() -> None:
     parser.add_argument("--b64-size", type=int, default=32, help="input side for the batch-64 latency row")
     parser.add_argument("--b1-size", type=int, default=224, help="input side for the batch-1 latency row")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per blocked_autorange")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["graph", "rank", "vgg"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["graph", "frontends", "rank", "vgg"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if "graph" not in args.skip:
         bench_graph_and_prune(args.graph_size)
+    if "frontends" not in args.skip:
+        bench_frontends(args.graph_size)
     if "rank" not in args.skip:
         bench_rank(args.rank_arch, args.rank_batch, args.rank_size, args.min_run_time, args.device)
     if "vgg" not in args.skip:

@@ -1,3 +1,4 @@
+import json
 import pathlib
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 from torch import nn
 
 import filterprune as fp
-from filterprune import io
+from filterprune import io, models
+from filterprune.cli import main
 from filterprune.models import build
 from filterprune.recipes.vgg import vgg16_layout
 
@@ -244,3 +246,59 @@ def test_truncated_file_is_a_clear_error(tmp_path):
         io.load(path)
     with pytest.raises(ValueError, match="model.safetensors"):
         io.load_state_dict_file(path)
+
+
+# ---------------------------------------------------------------- models from the ecosystem's libraries
+
+def _prune_ecosystem_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    from test_ecosystem import build, head  # noqa: PLC0415  (sets ultralytics' offline settings first)
+
+    model, x = build(name)
+    fp.Pruner(model, x, criterion="l1", scope="layer", ignore=head(model)).prune(ratio=0.3)
+    return model, x
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t for t in torch.utils._pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
+
+
+def test_round_trip_pruned_transformers_model_rebuilt_from_its_config(tmp_path):
+    pytest.importorskip("transformers")
+    model, x = _prune_ecosystem_model("hf-resnet")
+    io.save(model, tmp_path / "m.safetensors")
+    with safetensors.safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        spec = json.loads(f.metadata()["filterprune"])
+    assert spec["builder"] == "filterprune.models:transformers_model"
+    assert spec["kwargs"]["class_name"] == "ResNetForImageClassification"
+    assert spec["kwargs"]["config"]["hidden_sizes"] == [16, 32, 64, 64]  # the unpruned model's config
+    loaded = io.load(tmp_path / "m.safetensors")  # no model=: built from the config in the file
+    assert type(loaded) is type(model)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model, x), _outputs(loaded, x), strict=True))
+
+
+def test_transformers_builder_only_builds_transformers_model_classes():
+    pytest.importorskip("transformers")
+    with pytest.raises(models.ModelError, match="not a model class"):
+        models.transformers_model("AutoTokenizer", {"model_type": "resnet"})
+    with pytest.raises(models.ModelError, match="model type"):
+        models.transformers_model("ResNetModel", {"model_type": "no-such-type"})
+
+
+def test_round_trip_pruned_yolo_model_with_model_given(tmp_path):
+    ultralytics = pytest.importorskip("ultralytics")
+    model, x = _prune_ecosystem_model("yolov8n")
+    io.save(model, tmp_path / "yolo.safetensors")
+    with pytest.raises(io.ModelError, match="model=YourNet"):
+        io.load(tmp_path / "yolo.safetensors")
+    loaded = io.load(tmp_path / "yolo.safetensors", model=ultralytics.YOLO("yolov8n.yaml").model)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model, x), _outputs(loaded, x), strict=True))
+    assert torch.equal(loaded.stride, model.stride) and torch.equal(loaded.model[-1].stride, model.model[-1].stride)
+
+
+def test_cli_profiles_a_saved_transformers_model(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    model, _ = _prune_ecosystem_model("hf-resnet")
+    io.save(model, tmp_path / "m.safetensors")
+    assert main(["profile", "--model", str(tmp_path / "m.safetensors"), "--size", "32", "--batch-sizes", "1"]) == 0
+    assert "MACs" in capsys.readouterr().out

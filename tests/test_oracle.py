@@ -252,3 +252,31 @@ def test_criteria_command_says_what_to_do_without_a_model_or_data(tmp_path, monk
     fp.save(fp.vgg16_layout(num_classes=2, width=0.03), tmp_path / "mine.safetensors", metadata={"classes": ["a", "b"]})
     assert cli.main(["criteria", "--model", str(tmp_path / "mine.safetensors"), "--quiet"]) == 2
     assert "pass --data DIR" in capsys.readouterr().err
+
+
+class _Functional(nn.Module):
+    """conv1's channels are consumed by a functional call with conv2's own weight (as timm's std-convs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.conv2d(F.relu(self.conv1(x)), self.conv2.weight, self.conv2.bias)
+        return self.fc(F.relu(x).mean((2, 3)))
+
+
+def test_oracle_masks_a_functional_consumer():
+    torch.manual_seed(0)
+    model = _Functional().double().eval()
+    data = batches()
+    graph = fp.ChannelGraph(model, data[0][0][:1])
+    group = next(g for g in graph.groups if g.name == "conv1")
+    truth = oracle(model, graph, data, progress=False)["loss"][group.offset:group.offset + group.size]
+    base = mean_loss(model, data)
+    for unit in range(group.size):  # by hand: zero conv2's input columns of this channel
+        masked = copy.deepcopy(model)
+        with torch.no_grad():
+            masked.conv2.weight[:, unit] = 0
+        assert truth[unit].item() == pytest.approx(mean_loss(masked, data) - base, abs=1e-9)
+    assert truth.abs().min() > 0  # before, functional consumers were never masked and scored 0

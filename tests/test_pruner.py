@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import filterprune as fp
-import filterprune.pruner as pruner_module
+import filterprune.surgery as surgery_module
 from filterprune.surgery import remove_units as real_remove_units
 
 
@@ -176,7 +176,7 @@ def test_verification_undoes_a_wrong_removal(monkeypatch, bad_surgery, message):
     before, output = snapshot(model), model(X).detach()
     attrs = {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     groups = sizes(pruner)
-    monkeypatch.setattr(pruner_module, "remove_units", bad_surgery)
+    monkeypatch.setattr(surgery_module, "remove_units", bad_surgery)
     with pytest.raises(fp.GraphError, match=message):
         pruner.prune(10)
     after = snapshot(model)
@@ -186,7 +186,7 @@ def test_verification_undoes_a_wrong_removal(monkeypatch, bad_surgery, message):
     assert model.bn.num_features == 16 and sizes(pruner) == groups
     assert torch.equal(model(X), output)
     # With the real surgery back, the same pruner goes on as if nothing had happened.
-    monkeypatch.setattr(pruner_module, "remove_units", real_remove_units)
+    monkeypatch.setattr(surgery_module, "remove_units", real_remove_units)
     assert pruner.prune(10).count == 10
 
 
@@ -194,9 +194,9 @@ def test_without_verification_the_wrong_removal_goes_through(monkeypatch):
     # The check above is what catches the bug: without it, the corrupted model is kept.
     model, pruner = make(verify=False)
     right, right_pruner = make(verify=False)
-    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    monkeypatch.setattr(surgery_module, "remove_units", corrupt_after_cut)
     assert pruner.prune(10).count == 10
-    monkeypatch.setattr(pruner_module, "remove_units", real_remove_units)
+    monkeypatch.setattr(surgery_module, "remove_units", real_remove_units)
     right_pruner.prune(10)  # the same removal, cut correctly
     assert model.c.weight.shape == right.c.weight.shape
     assert torch.allclose(model.c.weight, 1.5 * right.c.weight)  # the corruption survived
@@ -348,7 +348,7 @@ def test_a_different_number_or_shape_of_outputs_is_refused(monkeypatch):
     torch.manual_seed(0)
     model = TwoHeads().eval()
     pruner = fp.Pruner(model, X[:1], criterion="l1")
-    monkeypatch.setattr(pruner_module, "remove_units", cut_an_output_row)
+    monkeypatch.setattr(surgery_module, "remove_units", cut_an_output_row)
     # zip() would compare only the logits, (1, 5) against (1, 4): refused for shapes, not by luck.
     with pytest.raises(fp.GraphError, match=r"outputs have shapes \[\(1, 4\)\].*\[\(1, 5\), \(1, 32\)\]"):
         pruner.prune(10)
@@ -361,7 +361,7 @@ def test_bf16_model_passes_when_correct_and_is_refused_when_corrupted(monkeypatc
     pruner = fp.Pruner(model, X[:1].bfloat16(), criterion="l1")
     assert pruner.prune(10).check == "exact"
     assert pruner.prune(10).count == 10
-    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    monkeypatch.setattr(surgery_module, "remove_units", corrupt_after_cut)
     with pytest.raises(fp.GraphError, match="differs"):
         pruner.prune(5)
 
@@ -385,12 +385,11 @@ def test_inexact_slots_are_checked_for_running_and_shapes_only(monkeypatch):
     model, pruner = make()
     for slot in pruner.graph.slots:  # as the graph marks a GroupNorm across channels
         slot.exact = slot.module != "bn"
-    monkeypatch.setattr(pruner, "_retrace", lambda: None)  # keep the marks for this one prune
-    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    monkeypatch.setattr(surgery_module, "remove_units", corrupt_after_cut)
     result = pruner.prune(40)
     assert result.check == "forward-only" and result.removed_per_group.get("b")
     model, pruner = make()
-    monkeypatch.setattr(pruner_module, "remove_units", corrupt_after_cut)
+    monkeypatch.setattr(surgery_module, "remove_units", corrupt_after_cut)
     with pytest.raises(fp.GraphError, match="differs"):
         pruner.prune(40)
 

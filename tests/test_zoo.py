@@ -42,22 +42,50 @@ UNTOUCHED = [(name, mode) for name in NEVER_TOUCH for mode in ("train", "eval", 
 
 @pytest.mark.parametrize("name, mode", UNTOUCHED)
 def test_tracing_and_ranking_leave_the_model_as_it_was(name, mode):
-    model = build(name).train(mode != "eval")
+    model = build(name)
+    head = model.get_submodule(_head(model))
+    batch = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]
+    assert_untouched(model, mode, torch.randn(1, 3, 32, 32), [head], batch, nn.CrossEntropyLoss())
+
+
+# Models of the other libraries (tests/test_ecosystem.py builds them), in a training model with frozen parts.
+ECOSYSTEM = ["smp-unet", "hf-resnet", "yolov8n", "monai-unet"]
+
+
+@pytest.mark.parametrize("name", ECOSYSTEM)
+def test_ecosystem_models_are_left_as_they_were(name):
+    import test_ecosystem  # noqa: PLC0415  (skips where the library is missing)
+
+    model, x = test_ecosystem.build(name)
+    with torch.no_grad():  # YOLO's Detect caches anchors at its first forward in eval mode: the model's own doing
+        model(x)
+    batch = [(torch.cat([x, x.flip(0)]), torch.zeros(2))]  # (the loss ignores the targets)
+    assert_untouched(model, "mixed", x, test_ecosystem.head(model), batch, _sum_of_squares)
+
+
+def _sum_of_squares(out, target) -> torch.Tensor:
+    """A loss for any output (tensors, tuples, dicts, ModelOutput), so every output gets a gradient."""
+    return sum(t.float().square().mean() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def assert_untouched(model: nn.Module, mode: str, x: torch.Tensor, ignore: list, batch: list, loss) -> None:
+    """Tracing, ranking and selecting leave parameters, buffers, modes and gradients as they were."""
+    model.train(mode != "eval")
     if mode == "mixed":  # a user's frozen norms inside a training model stay frozen
         for m in list(model.modules())[::3]:
             m.eval()
     modes = [m.training for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    head = model.get_submodule(_head(model))
-    batch = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]
+    attributes = {n: sorted(vars(m)) for n, m in model.named_modules()}
     for criterion in ("taylor", "taylor-weight"):  # forward and backward hooks, gradients of the weights
-        pruner = fp.Pruner(model, torch.randn(1, 3, 32, 32), criterion=criterion, ignore=[head])
-        pruner.rank(batch, nn.CrossEntropyLoss(), progress=False)
+        pruner = fp.Pruner(model, x, criterion=criterion, ignore=ignore)
+        pruner.rank(batch, loss, progress=False)
         pruner.select(10)
-    ChannelGraph(model, torch.randn(2, 3, 32, 32))
+    ChannelGraph(model, torch.cat([x, x]))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
     assert not changed, f"{len(changed)} tensors changed, e.g. {changed[:3]}"
     assert [m.training for m in model.modules()] == modes
+    assert {n: sorted(vars(m)) for n, m in model.named_modules()} == attributes
     assert all(p.grad is None for p in model.parameters()), "ranking must not leave gradients behind"
 
 

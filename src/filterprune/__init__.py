@@ -7,6 +7,7 @@
     filterprune.save(pruner.model, "pruned.safetensors")
 """
 
+from .auto import Plan, prune_auto
 from .criteria import CRITERIA, Criterion
 from .graph import ChannelGraph, GraphError, Group
 from .export import export_model, export_onnx
@@ -18,7 +19,8 @@ from .pruner import PruneResult, Pruner
 from .schedule import Schedule, prune_iteratively
 
 __all__ = [
-    "CRITERIA", "ChannelGraph", "Criterion", "GraphError", "Group", "ModelError", "Profile", "PruneResult", "Pruner",
-    "Schedule", "build", "export_model", "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "prune_iteratively", "save",
+    "CRITERIA", "ChannelGraph", "Criterion", "GraphError", "Group", "ModelError", "Plan", "Profile", "PruneResult", "Pruner",
+    "Schedule", "build", "export_model", "export_onnx", "latency_ms", "load", "load_state_dict_file", "profile", "prune_auto",
+    "prune_iteratively", "save",
     "speed_change", "three_linear_head", "vgg16_layout",
 ]

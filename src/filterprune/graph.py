@@ -1,11 +1,12 @@
 """Trace a model into groups of coupled channels.
 
-The model is traced with torch.fx and run once on the example inputs. Beside every real tensor we
-carry a *label tensor* of the same shape whose entries are channel ids:
+A front end (trace.py: torch.fx; trace_export.py: torch.export) gives the model's graph and each node's
+value on the example inputs. Beside every value we carry a *label tensor* of the same shape whose
+entries are channel ids:
 
 - a layer that creates channels (a conv or Linear) gives its outputs fresh ids; a functional call
-  (F.conv2d, F.batch_norm, F.layer_norm ...) made with one layer's own tensors maps like a call of
-  that layer (timm's BatchNormAct2d, std-convs); values computed from layer tensors alone (a
+  (F.conv2d, aten.batch_norm, F.layer_norm ...) made with one layer's own tensors maps like a call
+  of that layer (timm's BatchNormAct2d, std-convs); values computed from layer tensors alone (a
   standardised weight) carry no channels;
 - an op that only moves data (view, transpose, cat, getitem, pixel_shuffle ...) is applied to the
   label tensor itself, so offsets and permutations are tracked exactly, never assumed;
@@ -17,8 +18,8 @@ carry a *label tensor* of the same shape whose entries are channel ids:
   into g equal blocks (a channel shuffle's view, chunk) unites index k of every block, so the
   blocks stay equal and the permutation stays the same kind of permutation.
 
-The run is a torch.fx.Interpreter in eval mode; buffers are given back afterwards, so building a
-graph never changes the model.
+channels.py keeps the books (which ids go together, the slots, the groups); building a graph
+never changes the model.
 
 What comes out is a list of *slots*: each is one axis of one layer (the output rows of a conv,
 the input columns of the next one, the features of a BatchNorm ...) with the channel id at every
@@ -29,117 +30,19 @@ form a group, the thing a user sees as "a layer".
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from . import graph_ops as ops
-from .trace import GraphError, trace
-from .utils import evaluating, preserved_state
+from .channels import PINNED, Books, Group, Slot
+from .trace import FxTrace, GraphError, Trace
+from .utils import dropped_indices
 
-PINNED = 0
+__all__ = ["ChannelGraph", "GraphError", "Group", "PINNED", "Slot"]
 
-
-@dataclass
-class Slot:
-    """One axis of one layer, with the channel id of each of its indices.
-
-    role is "out" (the output rows of a conv or Linear), "in" (the input columns of a conv or
-    Linear), "channel" (a per-channel layer: a norm, a depthwise conv, a PReLU) or "param" (a bare
-    parameter such as a layer scale; `module` is then the parameter's qualified name).
-    """
-
-    module: str
-    role: str
-    labels: torch.Tensor
-    macs_per_index: float = 0.0
-    owner: torch.Tensor = field(default=None, repr=False)  # unit index per position, -1 if pinned
-    spread: torch.Tensor = field(default=None, repr=False)  # 1 / copies of the same feature map
-    # False where removing a channel changes what the layer computes for the channels that stay
-    # (a LayerNorm across channels, a weight-standardised conv's inputs): the pruner can then
-    # only check that the model still runs.
-    exact: bool = True
-
-
-@dataclass
-class Group:
-    """Channels that are removed together: one unit removes the same channel from every member."""
-
-    name: str
-    members: list[str]
-    size: int
-    offset: int  # index of this group's first unit in the pruner's flat list of units
-
-    def __repr__(self) -> str:
-        return f"Group({self.name!r}, size={self.size}, members={len(self.members)})"
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = [PINNED]
-
-    def fresh(self, n: int) -> torch.Tensor:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return torch.arange(start, start + n)
-
-    def find(self, x: int) -> int:
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            # Keep PINNED as the root of whatever it joins.
-            low, high = min(ra, rb), max(ra, rb)
-            self.parent[high] = low
-
-    def unite(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a, b = torch.broadcast_tensors(a, b)
-        differ = a != b
-        if differ.any():
-            # One int64 per pair makes the de-duplication a fast 1-D unique (ids are < 2**31).
-            pairs = torch.unique(a[differ] * 2**31 + b[differ])
-            for pair in pairs.tolist():
-                self.union(pair >> 31, pair & (2**31 - 1))
-
-    def roots(self, labels: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.find(x) for x in labels.tolist()], dtype=torch.long)
-
-
-class _LabelRun(fx.Interpreter):
-    """Runs the traced model on the example inputs and, beside every value, its label tensor."""
-
-    def __init__(self, gm: fx.GraphModule, graph: "ChannelGraph") -> None:
-        super().__init__(gm)
-        self.channels = graph
-        self.labels: dict[fx.Node, object] = {}
-        # Nodes computed from a layer's own tensors only (a standardised conv weight): no channels.
-        self.static: set[fx.Node] = set()
-
-    def run_node(self, node: fx.Node):
-        value = super().run_node(node)
-        if node.op == "output":
-            self.channels._pin(fx.node.map_arg(node.args[0], self.labels.get))
-        else:
-            self.labels[node] = self.channels._label(node, value, self)
-        return value
-
-    def call_function(self, target, args, kwargs):
-        # The graph was traced in train mode, so a norm called as a function asks to use (and
-        # update) batch statistics; with running statistics given, use them as eval mode does.
-        if target is F.batch_norm and len(args) > 2 and args[1] is not None and args[2] is not None:
-            if "training" in kwargs or len(args) <= 5:
-                kwargs = {**kwargs, "training": False}
-            else:
-                args = args[:5] + (False,) + args[6:]
-        return super().call_function(target, args, kwargs)
+FRONTENDS = ("auto", "fx", "export")
 
 
 class ChannelGraph:
@@ -148,25 +51,66 @@ class ChannelGraph:
     `slots` lists every sliceable axis with the unit that owns each index; `groups` lists the
     removable groups; `skipped` says which ops were left out of pruning and why. Building it
     leaves the model's parameters, buffers and every module's train/eval mode as they were.
+    frontend: "fx" (trace.py), "export" (trace_export.py) or "auto": fx where it traces and its graph
+    runs, else export; keyword inputs need export. `trace`: a front end's Trace to use instead.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, ignore=(), strict: bool = False) -> None:
+    def __init__(self, model: nn.Module, example_inputs=(), ignore=(), strict: bool = False,
+                 example_kwargs: dict | None = None, frontend: str = "auto", trace: Trace | None = None) -> None:
         self.model = model
         self.strict = strict
-        self.skipped: list[str] = []
-        self._uf = _UnionFind()
-        self._slots: dict[tuple[str, str], Slot] = {}
         self._ignored = {id(m) for m in ignore}
         self._params = dict(model.named_parameters())
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
-        # preserved_state undoes in-place updates of buffers: tracing in train mode runs timm's
-        # `num_batches_tracked.add_(1)` for real, and the traced graph does it again.
-        with preserved_state(model):
-            gm = trace(model)
-            with evaluating(model), torch.no_grad():  # norms use their running statistics
-                _LabelRun(gm, self).run(*example_inputs)
-        self._build_groups()
+        example_inputs = tuple(example_inputs)
+        if frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}, not {frontend!r}")
+        if example_kwargs and frontend == "fx":
+            raise ValueError("example_kwargs need frontend='export' (or 'auto'): torch.fx traces positional inputs only")
+        from .trace_export import ExportTrace  # torch.export is imported only where it is used
+
+        if trace is not None:
+            self._follow(trace)
+        elif frontend == "export" or example_kwargs:
+            self._follow(ExportTrace(model, example_inputs, example_kwargs))
+        elif frontend == "fx" or strict:
+            self._follow(FxTrace(model, example_inputs))
+        else:
+            # auto: fx where it traces and its graph runs; else export (fx refuses control flow on
+            # shapes and `*args` forwards, and may trace another program, as MONAI's BasicUNet).
+            try:
+                self._follow(FxTrace(model, example_inputs))
+            except GraphError:
+                self._follow(ExportTrace(model, example_inputs))
+
+    def _follow(self, trace: Trace) -> None:
+        """Run the label propagation over `trace` into fresh books."""
+        self.trace, self.skipped = trace, []
+        self._books = Books()
+        self._uf = self._books.uf
+        self.frontend = "export" if not trace.sees_literals else "fx"
+        self._env: dict[fx.Node, object] = {}
+        self._labels: dict[fx.Node, object] = {}
+        self._static: set[fx.Node] = set()  # computed from a layer's own tensors only: no channels
+        try:
+            trace.run(self._visit)
+        except Exception as err:  # a graph that does not run, or a rule that does not fit it: one error type
+            if isinstance(err, GraphError):
+                raise
+            hint = "; try frontend='export'" if trace.sees_literals else ""
+            raise GraphError(f"the channel labels could not follow {type(self.model).__name__}'s graph "
+                             f"({' '.join(str(err).split())}){hint}") from err
+        finally:
+            self._env, self._labels = {}, {}
+        self.groups, self.num_units = self._books.finish()
+
+    def _visit(self, node: fx.Node, value) -> None:
+        if node.op == "output":
+            self._pin(fx.node.map_arg(self.trace.user_outputs(node), self._labels.get))
+            return
+        self._env[node] = value
+        self._labels[node] = self._label(node, value)
 
     # ---- labels -------------------------------------------------------------------------------
 
@@ -176,12 +120,13 @@ class ChannelGraph:
 
     def _pin(self, *label_trees) -> None:
         for lab in ops.tensors(label_trees):
-            self._uf.unite(lab, torch.zeros((), dtype=torch.long))
+            self._uf.pin(lab)
 
     def _skip(self, node: fx.Node, what: str, why: str, in_labels, value):
         """Leave the channels an op touches out of pruning (or refuse, in strict mode)."""
-        scope = list(node.meta.get("nn_module_stack", {}))
-        where = f"in module '{scope[-1]}'" if scope else "at the model's top level"
+        # fx keys the stack by module name; export by an id, with (name, type) as the value.
+        scope = [v[0] if isinstance(v, tuple) else k for k, v in node.meta.get("nn_module_stack", {}).items()]
+        where = f"in module '{scope[-1]}'" if scope and scope[-1] else "at the model's top level"
         message = f"{what} {where} (node '{node.name}'): {why}; its channels are left out of pruning"
         message += ops.source_line(node)
         if self.strict:
@@ -190,59 +135,36 @@ class ChannelGraph:
         self._pin(in_labels)
         return fx.node.map_aggregate(value, self._pinned_like)
 
-    def _layer_of(self, target: str) -> tuple[str, nn.Module] | None:
-        """The layer (conv, norm, Linear ...) a tensor attribute belongs to, if it is one."""
-        name = target.rpartition(".")[0]
-        module = self.model.get_submodule(name)
-        return (name, module) if isinstance(module, ops.LAYERS) else None
-
-    def _label(self, node: fx.Node, value, run: _LabelRun):
-        if node.op == "placeholder" or not ops.tensors(value):
+    def _label(self, node: fx.Node, value):
+        trace = self.trace
+        if node.op == "placeholder" and trace.attribute(node) is None or not ops.tensors(value):
             return fx.node.map_aggregate(value, self._pinned_like)
-        if node.op == "get_attr":
-            if self._layer_of(node.target) is None:
-                return self._param_labels(node.target, value)
-            run.static.add(node)  # a layer's own tensor: the layer's op maps it
+        target = trace.attribute(node)
+        if target is not None:
+            if trace.layer_of(target) is None:
+                return self._param_labels(target, value)
+            self._static.add(node)  # a layer's own tensor: the layer's op maps it
             return fx.node.map_aggregate(value, self._pinned_like)
-        sources = [n for n in node.all_input_nodes if ops.tensors(run.env[n])]
-        if sources and all(n in run.static for n in sources):
-            run.static.add(node)
+        sources = [n for n in node.all_input_nodes if ops.tensors(self._env[n])]
+        if sources and all(n in self._static for n in sources):
+            self._static.add(node)
             return fx.node.map_aggregate(value, self._pinned_like)
         # Ops are replayed on label tensors: tensor arguments become their labels, the rest stay.
-        label_of = lambda n: run.labels[n] if ops.tensors(run.env[n]) else run.env[n]  # noqa: E731
+        label_of = lambda n: self._labels[n] if ops.tensors(self._env[n]) else self._env[n]  # noqa: E731
         label_args = fx.node.map_arg(node.args, label_of)
         label_kwargs = fx.node.map_arg(node.kwargs, label_of)
         in_labels = ops.tensors((label_args, label_kwargs))
         if node.op == "call_module":
             return self._module(node, node.target, self.model.get_submodule(node.target), in_labels, value)
-        owner = self._functional_owner(node, run) if node.target in ops.FUNCTIONAL_LAYERS else None
+        owner = trace.layer_call(node)
         if owner is not None:
             name, module, derived = owner
             return self._module(node, name, module, in_labels, value, derived)
-        args, kwargs = run.fetch_args_kwargs_from_env(node)
+        if not any(lab.any() for lab in in_labels):  # only pinned inputs (noise for a drop path): no channels
+            return fx.node.map_aggregate(value, self._pinned_like)
+        args = fx.node.map_arg(node.args, self._env.get)
+        kwargs = fx.node.map_arg(node.kwargs, self._env.get)
         return self._function(node, args, kwargs, label_args, label_kwargs, in_labels, value)
-
-    def _functional_owner(self, node: fx.Node, run: _LabelRun):
-        """(name, module, derived) of the one layer whose tensors a functional call uses, if any.
-
-        derived: the weight is computed from the layer's tensor (weight standardisation), not the
-        tensor itself; input channels then change the weight of the channels that stay.
-        """
-        kind, position = ops.FUNCTIONAL_LAYERS[node.target]
-        weight = node.args[position] if len(node.args) > position else node.kwargs.get("weight")
-        found, todo = set(), [n for n in node.all_input_nodes if n in run.static]
-        while todo:
-            n = todo.pop()
-            if n.op == "get_attr":
-                layer = self._layer_of(n.target)
-                if layer is not None and isinstance(layer[1], kind):
-                    found.add(layer[0])
-            todo.extend(n.all_input_nodes)
-        if len(found) != 1:
-            return None
-        name = found.pop()
-        derived = isinstance(weight, fx.Node) and weight.op != "get_attr"
-        return name, self.model.get_submodule(name), derived
 
     # ---- layers -------------------------------------------------------------------------------
 
@@ -283,14 +205,7 @@ class ChannelGraph:
         return self._skip(node, f"module '{name}' ({type(module).__name__})", "no channel mapping is known for it", in_labels, value)
 
     def _add_slot(self, name: str, role: str, labels: torch.Tensor, macs: float, exact: bool = True) -> torch.Tensor:
-        """Record a slot; a layer called twice shares its channels, so unite both calls' ids."""
-        key = (name, role)
-        if key in self._slots:
-            self._uf.unite(self._slots[key].labels, labels)
-            self._slots[key].exact &= exact
-            return self._slots[key].labels
-        self._slots[key] = Slot(name, role, labels.clone(), macs, exact=exact)
-        return labels
+        return self._books.add_slot(Slot(name, role, labels, macs, exact=exact))
 
     def _channel_ids(self, x_lab: torch.Tensor, dim: int) -> torch.Tensor:
         """One id per index of `dim`: ids that share an index must go together, so unite them."""
@@ -369,14 +284,14 @@ class ChannelGraph:
         if target not in self._params or len(sizes) != 1:
             return self._pinned_like(value)
         dim = sizes[0]
-        ids = self._add_slot(f"{target}@{dim}", "param", self._uf.fresh(value.shape[dim]), 0.0)
+        owner, _, attr = target.rpartition(".")
+        ids = self._books.add_slot(Slot(owner, "param", self._uf.fresh(value.shape[dim]), param=attr, dim=dim))
         return ops.along(ids, value.shape, dim)
 
     # ---- functions and methods ----------------------------------------------------------------
 
     def _function(self, node, args, kwargs, label_args, label_kwargs, in_labels, value):
-        fn = node.target
-        is_method = node.op == "call_method"
+        fn, is_method = self.trace.op(node)
 
         def among(functions, methods=frozenset()):
             return fn in methods if is_method else fn in functions
@@ -385,7 +300,7 @@ class ChannelGraph:
             return fx.node.map_aggregate(value, self._pinned_like)
         if isinstance(fn, type) and issubclass(fn, tuple):  # a named tuple of outputs
             return fn(*label_args, **label_kwargs)
-        call = (lambda *a, **k: getattr(a[0], fn)(*a[1:], **k)) if is_method else fn
+        call = self.trace.call(node)
         channel_wise = among(ops.CHANNEL_WISE_FUNCTIONS, ops.CHANNEL_WISE_METHODS) or ops.is_stochastic_depth(fn)
         # A channel-wise op with a second tensor (clamp(x, min=per_channel)) ties x to it, like an add.
         if among(ops.ELEMENTWISE, ops.ELEMENTWISE_METHODS) or (channel_wise and len(in_labels) > 1):
@@ -399,7 +314,7 @@ class ChannelGraph:
             problem = self._reshape(node, in_labels[0], value, is_method)
             if problem:
                 return self._skip(node, f"'{ops.name_of(fn)}'", problem, in_labels, value)
-            return call(*label_args, **label_kwargs)
+            return in_labels[0].reshape(value.shape)  # a view of the labels' strides might not exist
         if among(ops.MOVES, ops.MOVE_METHODS):
             if fn is torch.channel_shuffle and ops.varies_along(in_labels[0], 1):
                 self._unite_strided(in_labels[0], args[1])
@@ -413,7 +328,7 @@ class ChannelGraph:
             for d in ops.split_dims(fn, args, kwargs, x_lab):
                 if not ops.varies_along(x_lab, d):
                     continue
-                pieces = ops.equal_pieces(node, args, kwargs, x_lab.shape[d])
+                pieces = ops.equal_pieces(fn, node, args, kwargs, x_lab.shape[d], self.trace.sees_literals)
                 if pieces is None:
                     return self._skip(node, f"'{ops.name_of(fn)}'", "it cuts the channel axis at fixed positions", in_labels, value)
                 self._unite_strided(x_lab, pieces, d)  # equal pieces stay equal
@@ -428,7 +343,21 @@ class ChannelGraph:
                 return self._skip(node, f"'{ops.name_of(fn)}'", "it reduces across channels", in_labels, value)
             keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
             return in_labels[0].amax(dim=tuple(dims), keepdim=keep) if dims else in_labels[0].amax()
+        if among(ops.SLICES, ops.SLICES):
+            return self._slice(node, fn, args, label_args, in_labels, value)
+        if among(ops.MATMULS, ops.MATMUL_METHODS):
+            why = "it multiplies two channel-carrying tensors (attention), which removing a channel changes"
+            return self._skip(node, f"'{ops.name_of(fn)}'", why if len(in_labels) > 1 else
+                              "it multiplies by a fixed matrix along an axis", in_labels, value)
         return self._skip(node, f"'{ops.name_of(fn)}'", "no channel mapping is known for it", in_labels, value)
+
+    def _slice(self, node, fn, args, label_args, in_labels, value):
+        """ATen's indexing of one axis (x[:, a:b], x[:, i]): fine off the channel axis, or whole."""
+        x_lab, dim = in_labels[0], args[1] % in_labels[0].dim()
+        whole = fn == "slice" and value.shape[dim] == x_lab.shape[dim]
+        if ops.varies_along(x_lab, dim) and not whole:
+            return self._skip(node, f"'{fn}'", "it cuts the channel axis at fixed positions", in_labels, value)
+        return self.trace.call(node)(*label_args)
 
     def _across_pieces(self, x_lab: torch.Tensor, dims: list[int]) -> bool:
         """Whether a sum, mean or softmax over `dims` survives pruning; unites what it needs.
@@ -471,47 +400,60 @@ class ChannelGraph:
                 self._unite_strided(x_lab, x_lab.shape[block_in[0]] // value.shape[out[-1]], block_in[0])
         return None
 
-    # ---- groups -------------------------------------------------------------------------------
-
-    def _build_groups(self) -> None:
-        find = self._uf.find
-        pinned = find(PINNED)
-        members_of: dict[int, set[str]] = {}
-        for slot in self._slots.values():
-            # Entries that share an id before uniting are copies of one feature map (the spatial
-            # positions a flatten spread out); criteria average over those and sum over the rest.
-            _, inverse, counts = torch.unique(slot.labels, return_inverse=True, return_counts=True)
-            slot.spread = 1.0 / counts[inverse].double()
-            slot.labels = self._uf.roots(slot.labels)
-            for root in set(slot.labels.tolist()) - {pinned}:
-                members_of.setdefault(root, set()).add(f"{slot.module}:{slot.role}")
-        by_members: dict[tuple[str, ...], list[int]] = {}
-        for root, members in members_of.items():
-            by_members.setdefault(tuple(sorted(members)), []).append(root)
-        self.groups: list[Group] = []
-        unit_of: dict[int, int] = {}
-        # Order groups, and name each after its first producer, by the traced graph's order.
-        order = {f"{name}:{role}": i for i, (name, role) in enumerate(self._slots)}
-        for members in sorted(by_members, key=lambda m: min(order[x] for x in m)):
-            roots = sorted(by_members[members])
-            members = tuple(sorted(members, key=order.get))
-            name = next((m for m in members if m.endswith(":out")), members[0]).rsplit(":", 1)[0]
-            group = Group(name, list(members), len(roots), len(unit_of))
-            for root in roots:
-                unit_of[root] = len(unit_of)
-            self.groups.append(group)
-        self.num_units = len(unit_of)
-        for slot in self._slots.values():
-            slot.owner = torch.tensor([unit_of.get(r, -1) for r in slot.labels.tolist()], dtype=torch.long)
+    # ---- the result ---------------------------------------------------------------------------
 
     @property
     def slots(self) -> list[Slot]:
-        return list(self._slots.values())
+        return list(self._books.slots.values())
+
+    def drop(self, remove: torch.Tensor) -> None:
+        """Update the books after the units in `remove` (a bool mask) were cut from the model.
+
+        Removing channels changes no structure, so instead of tracing again the removed positions
+        leave every slot, the units are numbered anew, and the MACs per index of a conv's or
+        Linear's inputs (outputs) follow the new number of its outputs (inputs).
+        """
+        slots = self._books.slots
+        sizes = {key: len(slot.owner) for key, slot in slots.items()}
+        for slot in slots.values():
+            keep = ~dropped_indices(slot.owner, remove)
+            slot.owner, slot.labels, slot.spread = slot.owner[keep], slot.labels[keep], slot.spread[keep]
+        partner = {"in": "out", "out": "in"}
+        for key, slot in slots.items():
+            other = slots.get((slot.module, partner.get(slot.role), None))
+            if other is not None:
+                slot.macs_per_index *= len(other.owner) / sizes[other.key]
+        self._renumber(remove)
+
+    def exclude(self, groups: list[Group], why: list[str]) -> None:
+        """Leave `groups` out of pruning (their positions become pinned), saying why in `skipped`."""
+        gone = torch.zeros(self.num_units, dtype=torch.bool)
+        for group, reason in zip(groups, why):
+            gone[group.offset:group.offset + group.size] = True
+            self.skipped.append(f"group '{group.name}' ({group.size} channels): {reason}; its channels are left out of pruning")
+        for slot in self.slots:
+            slot.owner = torch.where(dropped_indices(slot.owner, gone), -1, slot.owner)
+        self._renumber(gone)
+
+    def _renumber(self, gone: torch.Tensor) -> None:
+        """Number the units that stay 0, 1, ... in order; drop groups left with none."""
+        new = torch.cumsum(~gone, 0) - 1
+        for slot in self.slots:
+            slot.owner = torch.where(slot.owner >= 0, new[slot.owner.clamp_min(0)], -1)
+        offset, groups = 0, []
+        for group in self.groups:
+            group.size -= int(gone[group.offset:group.offset + group.size].sum())
+            group.offset = offset
+            offset += group.size
+            if group.size:
+                groups.append(group)
+        self.groups, self.num_units = groups, offset
 
     def unit_cost(self) -> torch.Tensor:
         """MACs (for one example) that removing each unit saves, from every slot it touches."""
         cost = torch.zeros(self.num_units, dtype=torch.float64)
-        for slot in self._slots.values():
+        for slot in self.slots:
             mask = slot.owner >= 0
             cost.index_add_(0, slot.owner[mask], torch.full((int(mask.sum()),), slot.macs_per_index, dtype=torch.float64))
         return cost
+

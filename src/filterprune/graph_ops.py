@@ -1,5 +1,9 @@
 """What graph.py needs to know about ops: which move data, which are channel-wise, which are layers,
-and how reshapes and splits treat the channel axis."""
+and how reshapes and splits treat the channel axis.
+
+The tables name torch's functions and methods (what fx records). ATen, what torch.export records,
+is a short closed list; `ATEN` maps each ATen op to the torch function or method it stands for,
+with the same arguments in the same places, so one set of rules serves both front ends."""
 
 from __future__ import annotations
 
@@ -72,6 +76,47 @@ FUNCTIONAL_LAYERS = {
     F.conv_transpose2d: (nn.modules.conv._ConvNd, 1), F.conv_transpose3d: (nn.modules.conv._ConvNd, 1),
     F.linear: (nn.Linear, 1), F.batch_norm: (NORMS, 3), F.instance_norm: (NORMS, 3),
     F.layer_norm: (nn.LayerNorm, 2), F.group_norm: (nn.GroupNorm, 2), F.prelu: (nn.PReLU, 1),
+}
+
+
+MATMULS = {torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, operator.matmul}
+MATMUL_METHODS = {"matmul", "bmm", "mm"}
+SLICES = {"slice", "select"}  # ATen's indexing of one axis: (x, dim, start, end, step) and (x, dim, index)
+
+_A = torch.ops.aten
+ATEN = {
+    _A.conv1d: F.conv1d, _A.conv2d: F.conv2d, _A.conv3d: F.conv3d, _A.conv_transpose1d: F.conv_transpose1d,
+    _A.conv_transpose2d: F.conv_transpose2d, _A.conv_transpose3d: F.conv_transpose3d, _A.linear: F.linear,
+    _A.batch_norm: F.batch_norm, _A._native_batch_norm_legit_no_training: F.batch_norm,
+    _A._native_batch_norm_legit: F.batch_norm, _A.native_batch_norm: F.batch_norm, _A.instance_norm: F.instance_norm,
+    _A.group_norm: F.group_norm, _A.layer_norm: F.layer_norm, _A.prelu: F.prelu,
+    **dict.fromkeys([
+        _A.relu, _A.relu_, _A.relu6, _A.hardtanh, _A.hardtanh_, _A.leaky_relu, _A.leaky_relu_, _A.elu, _A.elu_,
+        _A.selu, _A.selu_, _A.celu, _A.gelu, _A.gelu_, _A.silu, _A.silu_, _A.mish, _A.mish_, _A.hardswish,
+        _A.hardswish_, _A.hardsigmoid, _A.hardsigmoid_, _A.sigmoid, _A.sigmoid_, _A.tanh, _A.tanh_, _A.softplus,
+        _A.clamp, _A.clamp_, _A.clamp_min, _A.clamp_min_, _A.clamp_max, _A.clip, _A.dropout, _A.dropout_,
+        _A.feature_dropout, _A.feature_dropout_, _A.alpha_dropout, _A.alpha_dropout_, _A.feature_alpha_dropout,
+        _A.feature_alpha_dropout_, _A.max_pool1d, _A.max_pool2d, _A.max_pool3d, _A.avg_pool1d,
+        _A.avg_pool2d, _A.avg_pool3d, _A.adaptive_avg_pool1d, _A.adaptive_avg_pool2d, _A.adaptive_avg_pool3d,
+        _A.upsample_nearest1d, _A.upsample_nearest2d, _A.upsample_nearest3d, _A.upsample_linear1d,
+        _A.upsample_bilinear2d, _A.upsample_bicubic2d, _A.upsample_trilinear3d, _A._upsample_nearest_exact2d,
+        _A._upsample_bilinear2d_aa, _A.pad, _A.constant_pad_nd, _A.reflection_pad1d, _A.reflection_pad2d,
+        _A.reflection_pad3d, _A.replication_pad1d, _A.replication_pad2d, _A.replication_pad3d, _A.neg, _A.sqrt,
+        _A.rsqrt, _A.exp, _A.abs, _A.square, _A.erf, _A._to_copy, _A.to, _A.type_as, _A.detach, _A.clone,
+        _A.contiguous, _A.alias, _A.lift_fresh_copy,
+    ], F.relu),  # any channel-wise function: the rule only reads the shapes
+    **dict.fromkeys([_A.add, _A.add_, _A.sub, _A.sub_, _A.rsub, _A.mul, _A.mul_, _A.div, _A.div_, _A.maximum,
+                     _A.minimum, _A.where], torch.add),
+    **dict.fromkeys([_A.view, _A.reshape, _A._unsafe_view, _A.view_as, _A.reshape_as], torch.reshape),
+    _A.flatten: torch.flatten, _A.unflatten: "unflatten",
+    **{getattr(_A, name): getattr(torch, name) for name in (
+        "transpose", "permute", "cat", "concat", "stack", "squeeze", "unsqueeze", "flip", "channel_shuffle",
+        "chunk", "split", "unbind", "narrow", "tensor_split", "mean", "sum", "amax", "amin", "softmax",
+        "log_softmax", "matmul", "bmm", "mm", "einsum", "baddbmm")},
+    _A._softmax: torch.softmax, _A._log_softmax: torch.log_softmax, _A.split_with_sizes: torch.split,
+    _A.pixel_shuffle: F.pixel_shuffle, _A.pixel_unshuffle: F.pixel_unshuffle, _A.t: "t",
+    **dict.fromkeys([_A.expand, _A.expand_as, _A.repeat], "expand"),
+    _A.slice: "slice", _A.select: "select",
 }
 
 
@@ -163,18 +208,23 @@ def split_dims(fn, args, kwargs, x_lab: torch.Tensor) -> list[int]:
     return [dim % ndim]
 
 
-def equal_pieces(node: fx.Node, args, kwargs, size: int) -> int | None:
+def equal_pieces(fn, node: fx.Node, args, kwargs, size: int, sees_literals: bool) -> int | None:
     """How many equal pieces a chunk/split makes of an axis of `size`, if that survives pruning.
 
     chunk(n) keeps making n equal pieces of a smaller axis; split(s) only if s is computed from
-    the tensor's size, not a literal (or a module attribute, which fx records as one).
+    the tensor's size, not a literal (or a module attribute, which fx records as one). Where
+    literals cannot be seen (an exported graph), equal pieces are taken as equal and the
+    pruner's probe checks it.
     """
-    fn = node.target
     n = args[1] if len(args) > 1 else kwargs.get("chunks", kwargs.get("split_size_or_sections", kwargs.get("split_size")))
     written = node.args[1] if len(node.args) > 1 else None
     if fn in {torch.chunk, "chunk"} and isinstance(n, int) and size % n == 0:
         return n
-    if fn in {torch.split, "split"} and isinstance(written, fx.Node) and isinstance(n, int) and size % n == 0:
+    if fn not in {torch.split, "split"}:
+        return None
+    if isinstance(n, (list, tuple)) and len(set(n)) == 1 and not sees_literals:
+        return len(n)
+    if isinstance(n, int) and size % n == 0 and (isinstance(written, fx.Node) or not sees_literals):
         return size // n
     return None
 

@@ -5,7 +5,10 @@ makes. `save` stores, with the weights, every module's size attributes (the safe
 already holds each tensor's shape); `load` builds (or is given) the unpruned model, shrinks it to
 the saved shapes and loads the weights. The builder is recorded where it is known: a
 `filterprune_arch` set by `filterprune.models.build`, a timm model's architecture name, a
-torchvision model found by its structure, or `builder=` given to `save`.
+torchvision model found by its structure, a transformers model's class and config (as JSON:
+`filterprune.models.transformers_model` rebuilds it, no code from the file, no hub), or
+`builder=` given to `save`. Other models (ultralytics, segmentation_models_pytorch, MONAI, your
+own) load with `load(path, model=...)`.
 """
 
 from __future__ import annotations
@@ -179,8 +182,13 @@ def _call_builder(builder: str, kwargs: dict, trusted: tuple[str, ...]) -> nn.Mo
 # ---------------------------------------------------------------- finding a model's builder
 
 def _known_builder(model: nn.Module) -> dict | None:
-    """{"builder", "kwargs"} of a timm or torchvision builder that makes `model`'s structure, else None."""
+    """{"builder", "kwargs"} of a transformers, timm or torchvision builder that makes `model`'s structure, else None."""
     kind = type(model).__module__
+    config = getattr(model, "config", None)
+    if kind.startswith("transformers.") and hasattr(config, "to_json_string"):
+        # The whole config (use_diff=False): the defaults of a later transformers may differ.
+        return {"builder": "filterprune.models:transformers_model",
+                "kwargs": {"class_name": type(model).__name__, "config": json.loads(config.to_json_string(use_diff=False))}}
     if kind.startswith("timm."):
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         if cfg.get("architecture"):

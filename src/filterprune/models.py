@@ -63,6 +63,25 @@ def build(
     return model
 
 
+def transformers_model(class_name: str, config: dict) -> nn.Module:
+    """An unpruned transformers model of class `class_name` built from its config's dict (random
+    weights): how `filterprune.load` rebuilds a saved transformers model. Only model classes that
+    transformers itself exports are built, and nothing is fetched from the hub."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelError(f"this file holds a transformers {class_name}: pip install transformers") from e
+    cls = getattr(transformers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelError(f"{class_name!r} is not a model class of transformers {transformers.__version__}")
+    try:
+        config_class = transformers.CONFIG_MAPPING[config.get("model_type")]
+    except KeyError as e:  # (the lazy mapping's .get() finds nothing it has not loaded yet)
+        raise ModelError(f"transformers {transformers.__version__} does not know the model type "
+                         f"{config.get('model_type')!r}") from e
+    return cls(config_class.from_dict(config))
+
+
 def _base_model(arch: str, pretrained: bool, num_classes: int | None, hidden: int | None, kwargs: dict) -> nn.Module:
     if arch in ARCHITECTURES:
         if pretrained:

@@ -23,15 +23,16 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .graph import ChannelGraph, Group
+from .trace import FxTrace
 
 
 class _Plan:
     """What to run once (prefix) and per ablation chunk (suffix) for one group."""
 
     def __init__(self, prefix: set[fx.Node], suffix: set[fx.Node], frontier: set[fx.Node],
-                 owners: dict[str, tuple[torch.Tensor, int]], width: int) -> None:
+                 owners: dict[fx.Node, tuple[torch.Tensor, int]], width: int) -> None:
         self.prefix, self.suffix, self.frontier = prefix, suffix, frontier
-        self.owners = owners  # consumer module -> (unit of each input index, channel dim)
+        self.owners = owners  # consumer node -> (unit of each input index, channel dim)
         self.width = width  # largest per-example size of a stacked activation, to size the chunks
 
 
@@ -68,24 +69,27 @@ class _Ablated(fx.Interpreter):
             return torch.cat([value] * copies) if stack else value  # cat keeps channels-last
         if node not in self.plan.suffix:
             return None
-        if node.op != "call_module" or node.target not in self.plan.owners:
+        if node not in self.plan.owners:
             return super().run_node(node)
-        owner, dim = self.plan.owners[node.target]
-        module = self.module.get_submodule(node.target)
+        owner, dim = self.plan.owners[node]
         source = node.args[0]
-        if isinstance(module, nn.Linear) and source in self.plan.frontier and len(node.args) == 1 and not node.kwargs:
-            return _linear_without_units(module, self.prefix[source], owner, self.ablated)
+        if node.op == "call_module" and source in self.plan.frontier and len(node.args) == 1 and not node.kwargs:
+            module = self.module.get_submodule(node.target)
+            if isinstance(module, nn.Linear):
+                return _linear_without_units(module, self.prefix[source], owner, self.ablated)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         x = _mask_input(args[0], owner[None, :] != self.ablated[:, None], copies, dim)
-        return module(x, *args[1:], **kwargs)
+        # A consumer is a layer module or a functional call with a layer's weight (timm's std-convs).
+        return getattr(self, node.op)(node.target, (x, *args[1:]), kwargs)
 
 
 class _Traced:
-    """The model as an fx GraphModule, with per-node facts from one real run."""
+    """The model as an fx GraphModule (the front end of trace.py), with per-node facts from one real run."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
         # Traced in eval mode: the oracle measures the deployed network (no dropout, running BN stats).
-        self.module = fx.GraphModule(model, fx.Tracer().trace(model))
+        self.trace = FxTrace(model, (example[:1],), train=False)
+        self.module = self.trace.module
         self.nodes = list(self.module.graph.nodes)
         self.order = {node: i for i, node in enumerate(self.nodes)}
         facts = _Prefix(self.module, set(self.nodes), set(self.nodes))
@@ -104,13 +108,18 @@ class _Traced:
     def plan(self, graph: ChannelGraph, group: Group) -> _Plan | None:
         """Split the graph for `group`; None if no layer consumes its channels (removal changes nothing)."""
         units = range(group.offset, group.offset + group.size)
-        owners = {}
+        by_layer = {}
         for slot in graph.slots:
             in_group = (slot.owner >= units.start) & (slot.owner < units.stop)
             if slot.role == "in" and bool(in_group.any()):
-                linear = isinstance(self.module.get_submodule(slot.module), nn.Linear)
-                owners[slot.module] = (torch.where(in_group, slot.owner, -1), -1 if linear else 1)
-        consumers = {n for n in self.nodes if n.op == "call_module" and n.target in owners}
+                linear = isinstance(self.trace.model.get_submodule(slot.module), nn.Linear)
+                by_layer[slot.module] = (torch.where(in_group, slot.owner, -1), -1 if linear else 1)
+        owners = {}
+        for node in self.nodes:
+            layer = self.trace.layer_call(node) if node.op in ("call_module", "call_function") else None
+            if layer is not None and layer[0] in by_layer:
+                owners[node] = by_layer[layer[0]]
+        consumers = set(owners)
         if not consumers:
             return None
         suffix = set(consumers)

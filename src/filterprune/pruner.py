@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import criteria
 from .graph import ChannelGraph, GraphError, Group
-from .surgery import SHAPE_ATTRIBUTES, remove_units
+from .probe import probe
+from .surgery import removed
 from .utils import dropped_indices, evaluating, preserved_state
 
 NORMALIZE = ("l2", "none", "mean", "macs")
@@ -54,7 +55,11 @@ class Pruner:
     combine: how coupled layers' weight scores merge. unit_cost: replaces the MACs in the
     regularisation (e.g. measured latency per unit). verify: after every removal, compare the
     pruned model with the unpruned one whose removed channels are zeroed, on the example inputs;
-    undo the removal and raise if they differ.
+    undo the removal and raise if they differ. example_kwargs: keyword inputs of the model
+    (transformers' `pixel_values=`), beside or instead of example_inputs. frontend: how the model
+    is traced: "fx" (torch.fx), "export" (torch.export; every group is then probed: one unit of
+    each is removed, the model run and compared with the zeroed reference, and the groups that
+    break or change it are left out, see `skipped`) or "auto" (fx where it traces, else export).
     """
 
     def __init__(
@@ -73,6 +78,8 @@ class Pruner:
         verify: bool = True,
         seed: int = 0,
         unit_cost: Callable[["Pruner"], torch.Tensor] | None = None,
+        example_kwargs: dict | None = None,
+        frontend: str = "auto",
     ) -> None:
         self.criterion = criteria.get(criterion)
         normalize = {True: "l2", False: "none"}.get(normalize, normalize) if isinstance(normalize, bool) else normalize
@@ -92,21 +99,21 @@ class Pruner:
             raise ValueError(f"round_to must be 'auto' or an int >= 1, not {round_to!r}")
         self.model = model
         self.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        self.example_kwargs = dict(example_kwargs or {})
         self.ignore, self.min_channels, self.round_to = list(ignore), min_channels, round_to
         self.normalize, self.flops_lambda, self.scope, self.combine = normalize, flops_lambda, scope, combine
         self.strict, self.verify, self.seed, self.unit_cost = strict, verify, seed, unit_cost
         self._ranked: torch.Tensor | None = None
         self._origin: dict[str, torch.Tensor] = {}
-        self._retrace()
-        self.macs_at_start = self._macs = self.macs()
-
-    def _retrace(self) -> None:
         with evaluating(self.model), preserved_state(self.model):  # tracing must not touch the user's model
-            self.graph = ChannelGraph(self.model, self.example_inputs, ignore=self.ignore, strict=self.strict)
+            self.graph = ChannelGraph(self.model, self.example_inputs, ignore=self.ignore, strict=self.strict,
+                                      example_kwargs=self.example_kwargs, frontend=frontend)
         for slot in self.graph.slots:
             if slot.role != "in":
-                self._origin.setdefault(_layer_name(slot.module), torch.arange(len(slot.owner)))
-        self._ranked = None
+                self._origin.setdefault(slot.name, torch.arange(len(slot.owner)))
+        if self.graph.frontend == "export":
+            probe(self)
+        self.macs_at_start = self._macs = self.macs()
 
     @property
     def groups(self) -> list[Group]:
@@ -162,9 +169,12 @@ class Pruner:
         """Multiply-accumulates of the model now, per example of the example inputs (flop_counter)."""
         with evaluating(self.model), preserved_state(self.model), torch.no_grad(), \
                 FlopCounterMode(display=False) as counter:
-            self.model(*self.example_inputs)
-        first = self.example_inputs[0]
-        return counter.get_total_flops() // 2 // (first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1)
+            self.model(*self.example_inputs, **self.example_kwargs)
+        return counter.get_total_flops() // 2 // self._batch_size()
+
+    def _batch_size(self) -> int:
+        first = next(iter(self.example_inputs + tuple(self.example_kwargs.values())), None)
+        return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
 
     def select(self, n: int, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Which units prune(n) would remove (a bool mask over the graph's units), removing nothing."""
@@ -283,12 +293,8 @@ class Pruner:
 
     def _macs_without(self, remove: torch.Tensor) -> int:
         """Real MACs per example after removing `remove`: cut, count, and put the tensors back."""
-        backup = _backup(self.model)
-        try:
-            remove_units(self.model, self.graph, remove)
+        with removed(self.model, self.graph, remove):
             return self.macs()
-        finally:
-            _restore(self.model, backup)
 
     def _result(self, remove: torch.Tensor) -> PruneResult:
         removed: dict[str, list[int]] = {}
@@ -297,7 +303,7 @@ class Pruner:
                 continue
             dropped = dropped_indices(slot.owner, remove)
             if dropped.any():
-                removed[_layer_name(slot.module)] = self._origin[_layer_name(slot.module)][dropped].tolist()
+                removed[slot.name] = self._origin[slot.name][dropped].tolist()
         per_group = {g.name: int(remove[g.offset:g.offset + g.size].sum()) for g in self.groups}
         return PruneResult(removed, {k: v for k, v in per_group.items() if v}, macs_before=self._macs)
 
@@ -305,18 +311,15 @@ class Pruner:
 
     def _remove(self, remove: torch.Tensor) -> str:
         exact = all(slot.exact for slot in self.graph.slots if dropped_indices(slot.owner, remove).any())
-        backup = _backup(self.model)
         reference = self._zeroed_outputs(remove) if self.verify else None
-        try:
-            kept = remove_units(self.model, self.graph, remove)
+        with removed(self.model, self.graph, remove) as trial:
             if reference is not None:
                 self._check(reference, exact)
-        except Exception:
-            _restore(self.model, backup)
-            raise
-        for name, keep in kept.items():
-            self._origin[_layer_name(name)] = self._origin[_layer_name(name)][keep]
-        self._retrace()
+            trial.keep()
+        for name, keep in trial.kept.items():
+            self._origin[name] = self._origin[name][keep]
+        self.graph.drop(remove)  # the structure is the same: no second trace
+        self._ranked = None
         self._macs = self.macs()
         return "exact" if exact else "forward-only"
 
@@ -345,7 +348,7 @@ class Pruner:
 
     def _outputs(self) -> list[torch.Tensor]:
         with evaluating(self.model), preserved_state(self.model), torch.no_grad(), _full_precision():
-            out = self.model(*self.example_inputs)
+            out = self.model(*self.example_inputs, **self.example_kwargs)
         flat: list[torch.Tensor] = []
         torch.utils._pytree.tree_map(lambda x: flat.append(x) if isinstance(x, torch.Tensor) else None, out)
         return flat
@@ -390,22 +393,3 @@ def _full_precision() -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(matmul)
         torch.backends.cudnn.allow_tf32 = cudnn
-
-
-def _layer_name(slot_module: str) -> str:
-    return slot_module.split("@")[0]
-
-
-def _backup(model: nn.Module) -> dict:
-    """References to every module's tensors and sizes; surgery swaps tensors, never edits them."""
-    return {name: (dict(m._parameters), dict(m._buffers), {a: getattr(m, a) for a in SHAPE_ATTRIBUTES if a in vars(m)})
-            for name, m in model.named_modules()}
-
-
-def _restore(model: nn.Module, backup: dict) -> None:
-    for name, module in model.named_modules():
-        params, buffers, sizes = backup[name]
-        module._parameters.update(params)
-        module._buffers.update(buffers)
-        for attr, value in sizes.items():
-            setattr(module, attr, value)

@@ -25,7 +25,7 @@ from .measure import deployment_batch, latency, profile, speed_change
 from .pruner import NORMALIZE, Pruner
 from .runtimes import RUNTIMES
 from .runtimes import get as get_runtime
-from .surgery import remove_units
+from .surgery import removed
 from .train import evaluate, fine_tune
 
 
@@ -97,8 +97,8 @@ def timed(model: nn.Module, example, runtime: str, batch: int, device: str, min_
 def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", share: float = 0.25,
                        min_run_time: float = 0.3, runtime: str = "eager") -> torch.Tensor:
     """Milliseconds each unit costs on this device in `runtime` at this batch size (in the model's
-    dtype): prune `share` of one group at a time from a copy and time it (min_run_time: seconds per
-    timing block). Scaled so the total equals the MACs total (in MMACs): only the spread changes,
+    dtype): cut `share` of one group at a time, time it and put it back (surgery.removed; min_run_time:
+    seconds per timing block). Scaled so the total equals the MACs total (in MMACs): only the spread changes,
     and flops_lambda keeps its meaning."""
     example = pruner.example_inputs
     base = timed(pruner.model, example, runtime, batch, device, min_run_time)["ms"]
@@ -107,11 +107,10 @@ def measured_unit_cost(pruner: Pruner, batch: int = 1, device: str = "cpu", shar
         k = max(1, int(group.size * share))
         if group.size - k < 1:
             continue
-        trial = copy.deepcopy(pruner.model)
         remove = torch.zeros(pruner.graph.num_units, dtype=torch.bool)
         remove[group.offset:group.offset + k] = True
-        remove_units(trial, pruner.graph, remove)
-        saved = base - timed(trial, example, runtime, batch, device, min_run_time)["ms"]
+        with removed(pruner.model, pruner.graph, remove):
+            saved = base - timed(pruner.model, example, runtime, batch, device, min_run_time)["ms"]
         cost[group.offset:group.offset + group.size] = max(saved, 0.0) / k
     macs = pruner.graph.unit_cost() / 1e6
     return cost * (macs.sum() / cost.sum()) if cost.sum() > 0 else macs

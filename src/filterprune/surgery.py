@@ -7,11 +7,13 @@ is one function and one table row, not a branch copied into every code path.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from .channels import Slot
 from .graph import ChannelGraph
 from .utils import dropped_indices
 
@@ -119,17 +121,15 @@ def _cutter(module: nn.Module, role: str) -> Callable[[nn.Module, torch.Tensor],
     raise TypeError(f"no rule to cut the {role} axis of {type(module).__name__}")
 
 
-def _cut_param(model: nn.Module, slot_name: str, keep: torch.Tensor) -> None:
-    path, dim = slot_name.rsplit("@", 1)
-    owner_name, _, attr = path.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    setattr(owner, attr, _sliced(getattr(owner, attr), int(dim), keep))
+def _cut_param(model: nn.Module, slot: Slot, keep: torch.Tensor) -> None:
+    owner = model.get_submodule(slot.module)
+    setattr(owner, slot.param, _sliced(getattr(owner, slot.param), slot.dim, keep))
 
 
 def remove_units(model: nn.Module, graph: ChannelGraph, remove: torch.Tensor) -> dict[str, torch.Tensor]:
     """Cut every slot that holds a unit marked in `remove` (a bool mask over the graph's units).
 
-    Returns {slot name: kept indices} for the output-side slots ("out", "channel", "param"), which
+    Returns {slot.name: kept indices} for the output-side slots ("out", "channel", "param"), which
     callers use to keep track of original channel indices.
     """
     kept: dict[str, torch.Tensor] = {}
@@ -139,10 +139,53 @@ def remove_units(model: nn.Module, graph: ChannelGraph, remove: torch.Tensor) ->
             continue
         keep = torch.nonzero(~dropped).flatten()
         if slot.role == "param":
-            _cut_param(model, slot.module, keep)
+            _cut_param(model, slot, keep)
         else:
             module = model.get_submodule(slot.module)
             _cutter(module, slot.role)(module, keep)
         if slot.role != "in":
-            kept[slot.module] = keep
+            kept[slot.name] = keep
     return kept
+
+
+class Trial:
+    """A removal in progress (see `removed`): the kept indices, and a way to make it stay."""
+
+    def __init__(self, kept: dict[str, torch.Tensor]) -> None:
+        self.kept = kept
+        self.kept_for_good = False
+
+    def keep(self) -> None:
+        """Leave the removal in place when the block ends."""
+        self.kept_for_good = True
+
+
+@contextlib.contextmanager
+def removed(model: nn.Module, graph: ChannelGraph, remove: torch.Tensor) -> Iterator[Trial]:
+    """Cut the units marked in `remove` for the duration of the block, then put every tensor and
+    size back as it was, whether the block succeeded or raised, unless it called trial.keep()
+    (and did not raise). Cheap: surgery swaps tensors and never edits them, so undoing is putting
+    the old references back."""
+    backup = _backup(model)
+    trial = None
+    try:
+        trial = Trial(remove_units(model, graph, remove))
+        yield trial
+    finally:
+        if trial is None or not trial.kept_for_good:
+            _restore(model, backup)
+
+
+def _backup(model: nn.Module) -> dict:
+    """References to every module's tensors and sizes."""
+    return {name: (dict(m._parameters), dict(m._buffers), {a: getattr(m, a) for a in SHAPE_ATTRIBUTES if a in vars(m)})
+            for name, m in model.named_modules()}
+
+
+def _restore(model: nn.Module, backup: dict) -> None:
+    for name, module in model.named_modules():
+        params, buffers, sizes = backup[name]
+        module._parameters.update(params)
+        module._buffers.update(buffers)
+        for attr, value in sizes.items():
+            setattr(module, attr, value)

@@ -81,8 +81,11 @@ class ChannelGraph:
             # shapes and `*args` forwards, and may trace another program, as MONAI's BasicUNet).
             try:
                 self._follow(FxTrace(model, example_inputs))
-            except GraphError:
-                self._follow(ExportTrace(model, example_inputs))
+            except GraphError as fx_error:
+                try:
+                    self._follow(ExportTrace(model, example_inputs))
+                except GraphError as export_error:  # say why both failed: fx's reason is often the clearer one
+                    raise GraphError(f"{fx_error}; and {export_error}") from export_error
 
     def _follow(self, trace: Trace) -> None:
         """Run the label propagation over `trace` into fresh books."""

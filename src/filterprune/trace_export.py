@@ -12,6 +12,9 @@ probe (probe.py) checks each group instead.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -66,7 +69,7 @@ def _shape_only(value):
 def export(model: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
     """torch.export.export in train mode (BatchNorms in eval mode: batch statistics of a batch of
     one would refuse a 1x1 map, and the mode changes no channel), leaving the model as it was."""
-    with _modules_kept(model), training(model), preserved_state(model):
+    with _modules_kept(model), training(model), preserved_state(model), _quiet_failures():
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
@@ -76,6 +79,22 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.e
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise GraphError(f"torch.export could not trace {type(model).__name__}: {first}. Check that the "
                              "model runs on the example inputs (and example_kwargs) as given.") from err
+
+
+@contextlib.contextmanager
+def _quiet_failures() -> Iterator[None]:
+    """A forward export refuses makes it log warnings and print its partial graph to stderr; the
+    GraphError says why in one line, so keep those off the user's terminal (and pass on what a
+    successful export wrote there)."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level, written = logger.level, io.StringIO()
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(written):
+            yield
+    finally:
+        logger.setLevel(level)
+    sys.stderr.write(written.getvalue())
 
 
 @contextlib.contextmanager

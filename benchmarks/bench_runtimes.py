@@ -125,13 +125,15 @@ def main() -> None:
     parser.add_argument("--runtimes", nargs="+", default=["eager", "onnxruntime", "openvino", "executorch", "int8"],
                         choices=[*RUNTIMES, "int8"])
     parser.add_argument("--cuts", type=float, nargs="+", default=[2.0, 4.0], help="MACs cuts to prune to")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=0.1, help="seconds of each timing block")
     parser.add_argument("--quick", action="store_true", help="32x32 inputs, batches 1 and 2, 1 thread, 1 round, short blocks, a 2x cut only")
     args = parser.parse_args()
     if args.quick:
         args.threads, args.rounds, args.min_run_time, args.cuts = [1], 1, 0.01, [2.0]
+    if "executorch" in args.runtimes and len(args.threads) > 1:
+        parser.error("ExecuTorch's thread pool is one per process: give one --threads per run (e.g. run with --threads 1, then --threads 2)")
     start = time.perf_counter()
     rows = []
     print(f"runtimes: {', '.join(f'{r} {RUNTIMES[r].version()}' for r in args.runtimes if r in RUNTIMES)}; "

@@ -56,9 +56,10 @@ def test_every_format_agrees_with_pytorch_at_any_batch(fmt, tmp_path):
     assert path.is_file() and 0 <= error <= 1e-4
     assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # left as it was
     model.eval()
-    x3 = torch.randn(3, 3, 16, 16)  # another batch size than traced: the batch is dynamic
-    with torch.no_grad():
-        np.testing.assert_allclose(run_file(path, fmt, x3), model(x3).numpy(), atol=1e-4, rtol=1e-4)
+    for batch in (3, 64):  # other batch sizes than traced, up to ExecuTorch's largest: the batch is dynamic
+        xb = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            np.testing.assert_allclose(run_file(path, fmt, xb), model(xb).numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_a_file_that_does_not_agree_is_refused(tmp_path):

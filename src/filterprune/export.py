@@ -88,7 +88,11 @@ def export_executorch(model: nn.Module, example_inputs, path: str | Path, max_ba
     from executorch.exir import to_edge_transform_and_lower
 
     inputs = _as_tuple(example_inputs)
-    program = _program(model, inputs, max(max_batch, inputs[0].shape[0], 2))
+    largest = max(max_batch, inputs[0].shape[0], 2)
+    # Traced at the largest batch: XNNPACK's buffers are planned for the traced example's sizes, and
+    # a larger batch at run time fails ("Attempted to resize a bounded tensor").
+    inputs = tuple(x[:1].expand(largest, *x.shape[1:]).contiguous() for x in inputs)
+    program = _program(model, inputs, largest)
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     return atomic_write(path, lowered.buffer)
 

@@ -57,9 +57,10 @@ class Pruner:
     pruned model with the unpruned one whose removed channels are zeroed, on the example inputs;
     undo the removal and raise if they differ. example_kwargs: keyword inputs of the model
     (transformers' `pixel_values=`), beside or instead of example_inputs. frontend: how the model
-    is traced: "fx" (torch.fx), "export" (torch.export; every group is then probed: one unit of
-    each is removed, the model run and compared with the zeroed reference, and the groups that
-    break or change it are left out, see `skipped`) or "auto" (fx where it traces, else export).
+    is traced: "fx" (torch.fx), "export" (torch.export) or "auto" (fx where it traces, else export).
+    Then every group is probed (with export always, with fx when verify is on): one unit of each is
+    removed, the model run and compared with the zeroed reference, and the groups that break or
+    change it are left out, see `skipped`.
     """
 
     def __init__(
@@ -111,7 +112,10 @@ class Pruner:
         for slot in self.graph.slots:
             if slot.role != "in":
                 self._origin.setdefault(slot.name, torch.arange(len(slot.owner)))
-        if self.graph.frontend == "export":
+        # Every exported group is probed (its sizes are concrete); fx's groups too when removals are
+        # verified anyway: a size read from one tensor to reshape another (timm's edgenext) looks
+        # derived to fx, and the probe leaves out that block instead of refusing the whole prune.
+        if self.graph.frontend == "export" or verify:
             probe(self)
         self.macs_at_start = self._macs = self.macs()
 

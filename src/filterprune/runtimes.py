@@ -194,6 +194,7 @@ class ExecuTorch(Runtime):
     """ExecuTorch with the XNNPACK delegate: the phone path, run here on the CPU as its proxy."""
 
     name, module, package, extra = "executorch", "executorch.runtime", "executorch", "deploy"
+    pool_threads: int | None = None  # the size ExecuTorch's thread pool was last set to in this process
 
     def prepare(self, model, inputs, threads):
         return self._from_file("executorch", model, inputs, threads)
@@ -202,7 +203,13 @@ class ExecuTorch(Runtime):
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime as Loader
 
-        _unsafe_reset_threadpool(threads)  # one process-wide pool: set before each program is loaded
+        # One process-wide pool, set before a program is loaded. Resetting it while a program loaded
+        # at another size still runs crashed the process (a segfault in libexecutorch_threadpool, seen
+        # timing 1 and 2 threads in one process), so reset only when the size changes, and time
+        # ExecuTorch at one thread count per process.
+        if ExecuTorch.pool_threads != threads:
+            _unsafe_reset_threadpool(threads)
+            ExecuTorch.pool_threads = threads
         program = Loader.get().load_program(Path(path).read_bytes())
         method = program.load_method("forward")
 

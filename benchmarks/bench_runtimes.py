@@ -1,6 +1,7 @@
 """Speed-up per runtime against the MACs cut: where does pruning turn into time? (issue 18)
 
-    python benchmarks/bench_runtimes.py                  # the full table: about 10 minutes on an idle 2-core CPU
+    python benchmarks/bench_runtimes.py                  # the table at 1 thread: 446 s on the idle 2-core CPU
+    python benchmarks/bench_runtimes.py --threads 2      # one thread count per run: ExecuTorch's pool is per process
     python benchmarks/bench_runtimes.py --quick          # tiny settings: checks the script, the numbers mean nothing
     python benchmarks/bench_runtimes.py --runtimes eager compile onnxruntime --models resnet18
 
@@ -13,8 +14,8 @@ calibrated on random images: its speed, not its accuracy), plus torch.compile if
 Inductor compile costs tens of seconds per model and batch on 2 cores, so it is not in the default
 10-minute run). Each model is exported once per format and opened once per thread count.
 
-Timing: at batch 1 and the deployment batch (64 for the demo's 32x32 inputs, 8 at 224), at 1 and 2
-threads; the three variants of one network (unpruned, 2x, 4x) in every runtime are timed in turns,
+Timing: at batch 1 and the deployment batch (64 for the demo's 32x32 inputs, 8 at 224), at the
+given threads; the three variants of one network (unpruned, 2x, 4x) in every runtime are timed in turns,
 `--rounds` times, each keeping its lowest median (load from elsewhere slows a timing, never speeds
 one up) with that timing's IQR. Speed-ups are against the unpruned model in the same runtime
 (int8: against the unpruned float model in ONNX Runtime), worded by speed_change (inside the

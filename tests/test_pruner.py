@@ -461,3 +461,16 @@ def test_default_policy_halves_macs_exactly(name):
     assert result.check == "exact"  # the self-check compared it with the zeroed unpruned model
     assert result.macs_before / result.macs_after >= 1.9
     assert result.macs_after == fp.profile(model, x, latency=False).macs
+
+
+def test_a_trial_removal_is_undone_when_its_block_raises_even_after_keep():
+    model, pruner = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    remove = torch.zeros(pruner.graph.num_units, dtype=torch.bool)
+    remove[0] = True
+    with pytest.raises(RuntimeError, match="after keep"):
+        with surgery_module.removed(model, pruner.graph, remove) as trial:
+            trial.keep()
+            raise RuntimeError("after keep")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

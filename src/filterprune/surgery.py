@@ -167,13 +167,14 @@ def removed(model: nn.Module, graph: ChannelGraph, remove: torch.Tensor) -> Iter
     (and did not raise). Cheap: surgery swaps tensors and never edits them, so undoing is putting
     the old references back."""
     backup = _backup(model)
-    trial = None
     try:
         trial = Trial(remove_units(model, graph, remove))
         yield trial
-    finally:
-        if trial is None or not trial.kept_for_good:
-            _restore(model, backup)
+    except BaseException:  # a cut that failed half-way, or a block that raised, even after keep()
+        _restore(model, backup)
+        raise
+    if not trial.kept_for_good:
+        _restore(model, backup)
 
 
 def _backup(model: nn.Module) -> dict:

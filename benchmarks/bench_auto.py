@@ -1,6 +1,6 @@
 """The planned loop on tasks its defaults were never tuned on: `filterprune prune` with targets only.
 
-    python benchmarks/bench_auto.py [--tasks pullover-coat resnet18-fashion10] [--seeds 0 1 2] [--out runs/auto]
+    python benchmarks/bench_auto.py [--tasks pullover-coat resnet18-fashion10] [--seeds 0 1 2] [--out runs/auto] [--torch-pruning]
 
 Each task and seed: image folders of real images (benchmarks/make_folders.py), a network trained
 from scratch by `filterprune train`, then `filterprune prune --model M --data DIR --target-speedup 2
@@ -25,6 +25,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from filterprune.measure import latency
 
@@ -59,6 +61,53 @@ def run_task(name: str, seed: int, out: Path, extra: list[str], smoke: bool = Fa
     return json.loads((run / "report.json").read_text())
 
 
+def torch_pruning_run(name: str, seed: int, out: Path) -> dict:
+    """Torch-Pruning as its users run it, on the same task and seed as filterprune's planned run: its
+    TaylorImportance pruner (global, TP's own normaliser; only the output layer kept) in as many steps
+    as filterprune kept, step i to (filterprune's final MACs reduction)^(i/steps), each followed by
+    plain fine-tuning for the epochs filterprune's step i ran, then as many final epochs; the same
+    training images (the CLI's split, augmentation and order), optimizer, learning rate and weight
+    decay, and the last epoch kept (TP has no validation loop). Matched MACs, not a noisy timed stop.
+    Test accuracy, and batch-1 latency timed in turns with the baseline and filterprune's network."""
+    from bench_torch_pruning import torch_pruning_to
+
+    from filterprune import data, io
+    from filterprune.measure import in_turns, profile
+    from filterprune.train import evaluate, fine_tune
+
+    run = out / name / f"seed{seed}"
+    done = run / "torch_pruning.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    report = json.loads((run / "report.json").read_text())
+    config, kept = report["config"], [it for it in report["iterations"] if not it.get("rejected")]
+    train, _, test, classes = data.image_folder_splits(config["data"], size=config["size"], test_fraction=config["test_fraction"],
+                                                       seed=seed, val_fraction=config["val_fraction"], val_dir=config["val"])
+    loader = data.make_loader(train, config["batch_size"], shuffle=True, seed=seed, num_workers=0)
+    rank_loader = data.make_loader(data.ImageFiles(train.samples, classes, data.eval_transform(config["size"])), 100, shuffle=False)
+    model, example = io.load(run / "baseline.safetensors"), test[0][0].unsqueeze(0)
+    output = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    goal, base_macs = report["baseline"]["macs"] / report["pruned"]["macs"], profile(model, example, latency=False).macs
+    torch.manual_seed(seed)
+    epochs = [it["epochs"] for it in kept] + [report["plan"]["final_fine_tune"]["epochs"]]
+    for i, step_epochs in enumerate(epochs[:-1], 1):
+        torch_pruning_to(model, example, "taylor", base_macs / goal ** (i / len(kept)), rank_loader, ignored=output)
+        fine_tune(model, loader, step_epochs, config["lr"], config["optimizer"], config["weight_decay"], progress=False)
+    fine_tune(model, loader, epochs[-1], config["lr"], config["optimizer"], config["weight_decay"], progress=False)
+    test_loader = data.make_loader(test, 100, shuffle=False, num_workers=0)
+    models = {"baseline": io.load(run / "baseline.safetensors"), "filterprune": io.load(run / "pruned.safetensors"),
+              "Torch-Pruning": model}
+    lowest = in_turns(models, lambda m: profile(m, example, batch_sizes=(1,), threads=1, min_run_time=1.0).records())
+    cost = {k: profile(m, example, latency=False) for k, m in models.items()}
+    result = {"accuracy": evaluate(model, test_loader, progress=False)["accuracy"], "epochs": sum(epochs),
+              "macs_x": base_macs / cost["Torch-Pruning"].macs, "filterprune_macs_x": base_macs / cost["filterprune"].macs,
+              "size_x": cost["baseline"].size_mb / cost["Torch-Pruning"].size_mb,
+              "b1_ms": {k: v[0]["ms"] for k, v in lowest.items()}}
+    io.save(model, run / "torch_pruning.safetensors")  # for re-timing later, beside pruned.safetensors
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def row(name: str, seed: int, report: dict) -> dict:
     base, pruned, control = report["baseline"], report["pruned"], report.get("control")
     timed = base["latency"][0]  # the loop's first timing: eager PyTorch at its batch (1 on the CPU)
@@ -88,10 +137,20 @@ def main() -> None:
     parser.add_argument("--out", default="runs/auto")
     parser.add_argument("--prune-flag", action="append", default=[], help="one more flag for `filterprune prune` (e.g. --budget=20m)")
     parser.add_argument("--smoke", action="store_true", help="20 images a class, 1 epoch each: checks the script, gives no result")
+    parser.add_argument("--torch-pruning", action="store_true",
+                        help="also Torch-Pruning on each run, at filterprune's MACs with as many epochs (pip install torch-pruning)")
     args = parser.parse_args()
     rows = []
     for name in args.tasks:
         runs = [row(name, seed, run_task(name, seed, Path(args.out), args.prune_flag, args.smoke)) for seed in args.seeds]
+        if args.torch_pruning:
+            torch.set_num_threads(1)  # as the timings in turns are taken
+            for r in runs:
+                tp = torch_pruning_run(name, r["seed"], Path(args.out))
+                r.update({"TP %": 100 * tp["accuracy"], "filterprune - TP": r["pruned"] - 100 * tp["accuracy"],
+                          "TP MACs x": tp["macs_x"],
+                          "b1 speed x: filterprune / TP": (f"{tp['b1_ms']['baseline'] / tp['b1_ms']['filterprune']:.2f}x / "
+                                                           f"{tp['b1_ms']['baseline'] / tp['b1_ms']['Torch-Pruning']:.2f}x")})
         rows += runs
         if len(runs) > 1:
             numeric = [k for k, v in runs[0].items() if isinstance(v, float)]

@@ -1,6 +1,6 @@
 """The demo, several seeds: what `filterprune demo` gives, with its spread.
 
-    python benchmarks/bench_demo.py --seeds 0 1 2 [--set final_epochs=24 --set distill=0.5] [--out runs/bench_demo]
+    python benchmarks/bench_demo.py --seeds 0 1 2 [--set final_epochs=24 --set distill=0.5] [--out runs/bench_demo] [--reuse]
 
 Each seed is a whole demo run (its own pretraining, transfer, control and pruning; cached
 pretraining is reused). Prints one row per seed and the mean: test accuracy of the baseline, the
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a DemoConfig field")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--out", default="runs/bench_demo")
+    parser.add_argument("--reuse", action="store_true", help="a seed whose OUT/seedN/report.json exists is read, not run again")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,7 +55,11 @@ def main() -> None:
     rows, numbers = [], []
     for seed in args.seeds:
         config = DemoConfig(seed=seed, **overrides)
-        report = run_demo(f"{args.out}/seed{seed}", config, progress=False, log=lambda line: None)
+        done = Path(args.out) / f"seed{seed}" / "report.json"
+        if args.reuse and done.is_file():
+            report = json.loads(done.read_text())
+        else:
+            report = run_demo(done.parent, config, progress=False, log=lambda line: None)
         base, control, pruned = report["baseline"], report["control"], report["pruned"]
         timed = {b: (latency(base, b), latency(pruned, b)) for b in (1, 64)}
         speeds = [speed_change(before["ms"], after["ms"], before["iqr_ms"], after["iqr_ms"]) for before, after in timed.values()]

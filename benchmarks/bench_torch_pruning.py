@@ -60,8 +60,10 @@ def filterprune_to(model: nn.Module, example: torch.Tensor, criterion: str, targ
     pruner.prune(macs=pruner.macs_at_start / target)
 
 
-def torch_pruning_to(model: nn.Module, example: torch.Tensor, kind: str, target: float, rank_loader) -> None:
-    """Prune `model` in place with Torch-Pruning until it has at most `target` MACs."""
+def torch_pruning_to(model: nn.Module, example: torch.Tensor, kind: str, target: float, rank_loader,
+                     ignored: list[nn.Module] | None = None) -> None:
+    """Prune `model` in place with Torch-Pruning until it has at most `target` MACs; `ignored`: layers
+    it keeps (default: the demo network's output layer)."""
     import torch_pruning as tp
 
     if kind == "taylor":
@@ -73,7 +75,8 @@ def torch_pruning_to(model: nn.Module, example: torch.Tensor, kind: str, target:
     else:
         importance = tp.importance.MagnitudeImportance(p=1)
     pruner = tp.pruner.MetaPruner(model, example, importance=importance, global_pruning=True, pruning_ratio=1.0,
-                                  iterative_steps=400, ignored_layers=[model.classifier[6]])
+                                  iterative_steps=400,
+                                  ignored_layers=ignored if ignored is not None else [model.classifier[6]])
     while count_macs(model, example) > target:
         pruner.step()
     model.zero_grad(set_to_none=True)

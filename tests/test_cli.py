@@ -649,7 +649,7 @@ def test_planned_prune_chooses_on_validation_images_only(folders, trained, tmp_p
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "prune", "--data", folders["with_test"], "--model", trained, *FAST, "--target-macs", "1.3",
                             "--max-drop", "100", "--max-epochs", "1", "--final-max-epochs", "1", "--patience", "1",
-                            "--val-fraction", "0.2", "--ignore", "classifier.0", "classifier.3", "--out", out)
+                            "--trial-epochs", "1", "--val-fraction", "0.2", "--ignore", "classifier.0", "classifier.3", "--out", out)
     assert code == 0, err
     assert seen and all(f"{os.sep}train{os.sep}" in p for p in seen)  # never a test image
     report = json.loads((out / "report.json").read_text())
@@ -659,3 +659,8 @@ def test_planned_prune_chooses_on_validation_images_only(folders, trained, tmp_p
     assert all("curve" in it and "why" in it for it in report["iterations"])
     md = (out / "report.md").read_text()
     assert "## Plan" in md and (out / "validation_curves.png").is_file()
+    # The recovery tools were chosen by trials of the first step; the head, --ignore'd by the user, is never pruned.
+    recovery = report["plan"]["recovery"]
+    assert [t["tool"] for t in recovery["trials"]] == ["defaults", "normalize", "distill"]
+    assert recovery["left_out"][0]["tool"] == "head" and recovery["used"]["head"] == "kept"
+    assert "Recovery tools used: **normalize" in md

@@ -7,8 +7,10 @@ improving (early stopping; the learning rate's cosine restarts at every step) an
 epoch. A step that cannot recover to within max_accuracy_drop of the baseline is rolled back and
 retried at the square root of its size; once that falls below plan.min_step the plan ends. The
 final fine-tune also runs to a plateau, and the control (the unpruned network fine-tuned for the
-same number of epochs) tells what those epochs alone give. A time budget is shared out between the
-steps, the final fine-tune and the control, and whatever it cut is listed in log["gave_up"].
+same number of epochs) tells what those epochs alone give. Before the first step, the recovery
+tools (normalisation, the head pruned or kept, distillation) are chosen on validation by short
+trials of that step (recovery.py). A time budget is shared out between those trials, the steps,
+the final fine-tune and the control, and whatever it cut is listed in log["gave_up"].
 
 Stopping is schedule.decide's, with every target required (not the first one met).
 """
@@ -25,15 +27,16 @@ import torch
 from torch import nn
 
 from .distributed import Context
-from .measure import deployment_batch, keep_lowest
+from .measure import deployment_batch, in_turns, keep_lowest
+from .recovery import Setting, choose, margin_for, switches
 from .schedule import (Schedule, _latency, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, timed,
                        check_reachable, decide)
 from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
 
 # Shares of a time budget, as the deadlines of each phase from the start (with, without the control):
-# the steps, then the final fine-tune; the control gets the rest, as long as the pruned network's
-# fine-tuning, at the unpruned network's (higher) cost per epoch.
-_STEPS_UNTIL, _FINAL_UNTIL = (0.45, 0.6), (0.7, 1.0)
+# choosing the recovery tools, the steps, then the final fine-tune; the control gets the rest, as
+# long as the pruned network's fine-tuning, at the unpruned network's (higher) cost per epoch.
+_CHOOSE_UNTIL, _STEPS_UNTIL, _FINAL_UNTIL = (0.1, 0.15), (0.45, 0.6), (0.7, 1.0)
 
 
 @dataclass
@@ -52,6 +55,11 @@ class Plan:
                                            "fine-tuning into it and says what it gave up", flag="--budget")
     control: bool = _option(True, "also fine-tune the unpruned network for as many epochs, to compare against "
                                   "(skipped when the budget does not allow it)")
+    choose_recovery: bool = _option(True, "choose --normalize, the head pruned or kept, and --distill by trials of the first step "
+                                          "on the validation images (off: use them as given)")
+    trial_epochs: int = _option(2, "fine-tuning epochs of each trial that chooses the recovery tools")
+    recovery_margin: float = _option(0.5, "validation points a recovery tool must gain over the setting it replaces to be used "
+                                           "(and more than 3 validation images' worth)")
 
 
 def prune_auto(
@@ -67,6 +75,7 @@ def prune_auto(
     trainer: Callable[[nn.Module, int], Callable[[int], object]] | None = None,
     rank_loader: Iterable | None = None,
     ignore: Iterable[str] = (),
+    head_kept: Iterable[str] = (),
     device: str = "cpu",
     progress: bool = True,
     log_fn: Callable[[str], None] = print,
@@ -76,12 +85,16 @@ def prune_auto(
     within schedule.max_accuracy_drop, planning the steps and fine-tuning by `plan`.
 
     Returns (pruned model, log, control): the log is prune_iteratively's (baseline, iterations, final,
-    stopped, ...) plus each step's plan (asked_macs, curve: the validation score per epoch, why) and
-    seconds per phase; control is the fine-tuned unpruned network, or None. Of schedule, the recipe
-    fields (step, macs_step, epochs, final_epochs, max_iterations) are not used. evaluate_fn(model) ->
-    dict with schedule.metric (default: accuracy on val_loader, which should be validation images).
-    trainer(model, epochs) -> a function training one epoch (its argument: the epoch, from 1) of a
-    fine-tune of at most `epochs` (default: train.train_epoch with a cosine learning rate over them).
+    stopped, ...) plus each step's plan (asked_macs, curve: the validation score per epoch, why), the
+    recovery tools' trials and choice (log["recovery"], with plan.choose_recovery) and seconds per
+    phase; control is the fine-tuned unpruned network, or None. Of schedule, the recipe fields (step,
+    macs_step, epochs, final_epochs, max_iterations) are not used. evaluate_fn(model) -> dict with
+    schedule.metric (default: accuracy on val_loader, which should be validation images).
+    ignore: names of modules never pruned; head_kept: names of a head's layers kept too, unless a
+    recovery trial shows pruning them is better (the CLI: a VGG's hidden Linear layers, which the
+    blog keeps). trainer(model, epochs) -> a function training one epoch (its argument: the epoch,
+    from 1) of a fine-tune of at most `epochs` (default: train.train_epoch with a cosine learning
+    rate over them).
     """
     plan = plan or Plan()
     if schedule.target_macs is None and schedule.target_speedup is None and schedule.target_size is None:
@@ -89,24 +102,47 @@ def prune_auto(
     # The loop aims beyond a speed target (noisy timings); the recipe's count of iterations does not apply.
     aim = replace(schedule, max_iterations=None, latency_batch=schedule.latency_batch or deployment_batch(device),
                   target_speedup=schedule.target_speedup and schedule.target_speedup * plan.speed_margin)
-    start, example, ignore = clock(), _to(example_inputs, device), list(ignore)
+    start, example, fixed = clock(), _to(example_inputs, device), list(ignore)
+    ignore = fixed + [name for name in head_kept if name not in fixed]
     evaluate_fn = evaluate_fn or (lambda m: evaluate(m, val_loader, loss_fn, device=device, progress=False))
     check_reachable(model, example, aim, ignore)
     model.to(device)
-    teacher = copy.deepcopy(model).requires_grad_(False).eval() if aim.distill else None
+    # The teacher is the unpruned network, needed when distillation is on or may be chosen.
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if aim.distill or plan.choose_recovery else None
     unpruned = copy.deepcopy(model) if plan.control else None
     reference = copy.deepcopy(model).eval()  # timed beside every step: see _time_in_turns
-    trainer = trainer or _trainer(aim, train_loader, loss_fn, teacher, device, progress)
+    trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress)  # noqa: E731
     score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
     deadline = _deadlines(plan, start)
     pruner = _pruner(model, example, aim, ignore)
-    log = {"schedule": asdict(replace(schedule, latency_batch=aim.latency_batch)), "plan": asdict(plan),
-           "baseline": _measure(model, example, evaluate_fn(model), aim, device), "iterations": [], "gave_up": [],
-           "original_units": sum(g.size for g in pruner.groups),
+    first = evaluate_fn(model)
+    log = {"plan": asdict(plan), "baseline": _measure(model, example, first, aim, device), "iterations": [],
+           "gave_up": [], "original_units": sum(g.size for g in pruner.groups),
            "channels_before": {g.name: g.size for g in pruner.groups}, "skipped": pruner.skipped,
-           "seconds": dict.fromkeys(("baseline", "prune", "fine_tune", "rolled_back", "final", "control"), 0.0)}
+           "seconds": dict.fromkeys(("baseline", "recovery", "prune", "fine_tune", "rolled_back", "final", "control"), 0.0)}
     base = log["baseline"]
     log["seconds"]["baseline"] = clock() - start
+    loaders = (train_loader, rank_loader or train_loader)
+
+    def cut(net: nn.Module, schedule: Schedule, ignore: list[str], wanted: float, attempt: int):
+        """Remove units of `net` for a `wanted` MACs reduction (as far as the per-layer minimums allow)."""
+        _seed(schedule, attempt, loaders)
+        pruner = _pruner(net, example, schedule, ignore)
+        try:
+            return _prune_step(pruner, schedule, loaders[1], loss_fn, Context(device=device), device, progress, {"macs": wanted})
+        except ValueError:  # the per-layer minimums stop short of this step: take what they allow
+            return pruner.prune(pruner.prunable())
+
+    setting = Setting(aim, tuple(ignore))
+    if plan.choose_recovery:
+        t = clock()
+        setting = _choose_recovery(model, example, setting, fixed, cut, _next_step(aim, plan, base, None, plan.first_step), plan,
+                                   margin_for(plan.recovery_margin, first.get("examples")), trainer_for, score,
+                                   lambda net: _reached(net, base, reference, example, aim, device), trainer is not None, log,
+                                   deadline["choose"], clock, log_fn)
+        log["seconds"]["recovery"] = clock() - t
+    aim, ignore, fine_tuner = setting.schedule, list(setting.ignore), trainer_for(setting.schedule)
+    log["schedule"] = asdict(replace(schedule, latency_batch=aim.latency_batch, normalize=aim.normalize, distill=aim.distill))
     last, size, attempt, epochs = None, plan.first_step, 0, 0
     while True:
         if deadline["steps"] is not None and clock() >= deadline["steps"]:
@@ -116,19 +152,13 @@ def prune_auto(
             break
         attempt += 1
         wanted = _next_step(aim, plan, base, last, size)
-        _seed(aim, attempt, (train_loader, rank_loader))
         previous, t0 = copy.deepcopy(model), clock()
-        pruner = _pruner(model, example, aim, ignore)
-        try:
-            result = _prune_step(pruner, aim, rank_loader or train_loader, loss_fn, Context(device=device), device, progress,
-                                 {"macs": wanted})
-        except ValueError:  # the per-layer minimums stop short of this step: take what they allow
-            result = pruner.prune(pruner.prunable())
+        result = cut(model, aim, ignore, wanted, attempt)
         if result.count == 0:
             stopped = decide(aim, base, None, attempt, removed=0).reason
             break
         t1 = clock()
-        curve = fine_tune_to_plateau(model, trainer(model, plan.max_epochs), lambda: score(model), plan.max_epochs, plan.patience,
+        curve = fine_tune_to_plateau(model, fine_tuner(model, plan.max_epochs), lambda: score(model), plan.max_epochs, plan.patience,
                                      deadline["steps"], clock)
         t2 = clock()
         entry = {**_measure(model, example, evaluate_fn(model), aim, device), "iteration": attempt, "asked_macs": round(wanted, 4),
@@ -166,7 +196,7 @@ def prune_auto(
 
     t = clock()
     _seed(aim, 10_000, (train_loader,))
-    final = fine_tune_to_plateau(model, trainer(model, plan.final_max_epochs), lambda: score(model), plan.final_max_epochs,
+    final = fine_tune_to_plateau(model, fine_tuner(model, plan.final_max_epochs), lambda: score(model), plan.final_max_epochs,
                                  plan.final_patience, deadline["final"], clock)
     log["seconds"]["final"] = clock() - t
     if final["stopped"] == "the time budget":
@@ -185,6 +215,46 @@ def prune_auto(
     log["seconds"] = {k: round(v, 1) for k, v in log["seconds"].items()}
     log["wall_s"] = round(clock() - start, 1)
     return model, log, control
+
+
+def _choose_recovery(model: nn.Module, example, setting: Setting, fixed: list[str], cut, wanted: float, plan: Plan, margin: float,
+                     trainer_for, score, reached, own_trainer: bool, log: dict, deadline: float | None, clock, log_fn) -> Setting:
+    """The recovery tools that win short trials of the first step (a `wanted` MACs reduction) on
+    validation, each trial on a copy of `model` with the first step's seed (recovery.choose)."""
+
+    def trial(tried: Setting) -> tuple[float, dict]:
+        net = copy.deepcopy(model)
+        cut(net, tried.schedule, list(tried.ignore), wanted, 1)
+        curve = fine_tune_to_plateau(net, trainer_for(tried.schedule)(net, plan.trial_epochs), lambda: score(net), plan.trial_epochs,
+                                     plan.trial_epochs + 1)
+        return max(curve["scores"]), reached(net)
+
+    candidates, left_out = switches(model, example, setting, fixed)
+    if own_trainer:  # distillation is the caller's trainer's business
+        candidates = [c for c in candidates if c.tool != "distill"]
+        left_out.append({"tool": "distill", "why": "a trainer was given: distillation is up to it"})
+    chosen, trials, gave_up = choose(setting, candidates, trial, margin, deadline, clock)
+    log["recovery"] = {"asked_macs": round(wanted, 4), "trial_epochs": plan.trial_epochs, "margin": margin,
+                       "trials": trials, "left_out": left_out, "used": chosen.used(model)}
+    log["gave_up"] += gave_up
+    log_fn("recovery tools, chosen on validation by trials of the first step: "
+           + ", ".join(f"{k} {v}" for k, v in log["recovery"]["used"].items()))
+    return chosen
+
+
+def _reached(net: nn.Module, base: dict, reference: nn.Module, example, aim: Schedule, device: str) -> dict[str, float]:
+    """How far `net` has come towards aim's targets: {"macs", "speed", "size": factor}, the speed timed in
+    turns with the unpruned `reference` (_time_in_turns)."""
+    entry = _measure(net, example, {aim.metric: 0.0}, aim, device)
+    reached = {}
+    if aim.target_macs is not None:
+        reached["macs"] = base["macs"] / entry["macs"]
+    if aim.target_speedup is not None:
+        _time_in_turns(base, entry, reference, net, example, aim, device)
+        reached["speed"] = _latency(base, aim.latency_batch, aim.runtime) / _latency(entry, aim.latency_batch, aim.runtime)
+    if aim.target_size is not None:
+        reached["size"] = base["size_mb"] / entry["size_mb"]
+    return reached
 
 
 def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: float | None, aim: Schedule, example, evaluate_fn,
@@ -211,14 +281,13 @@ def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: 
 
 def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule, device: str,
                    rounds: int = 3) -> None:
-    """Time the unpruned `reference` and the pruned `model` in turns, `rounds` times, in eager PyTorch and
-    aim.runtime, and keep each one's lowest time in `base` and `entry` (the baseline's over all steps):
-    load from elsewhere on the machine only slows a timing, so the lowest is the least disturbed one,
-    and side by side both see the same load."""
+    """Time the unpruned `reference` and the pruned `model` in turns (measure.in_turns) in eager PyTorch
+    and aim.runtime, and keep each one's lowest time in `base` and `entry` (the baseline's over all steps)."""
     runtimes = tuple(dict.fromkeys(("eager", aim.runtime)))
-    for _ in range(rounds):
-        for summary, net in ((base, reference), (entry, model)):
-            summary["latency"] = keep_lowest(summary["latency"], [timed(net, example, r, aim.latency_batch, device) for r in runtimes])
+    lowest = in_turns({"base": reference, "step": model},
+                      lambda net: [timed(net, example, r, aim.latency_batch, device) for r in runtimes], rounds)
+    base["latency"] = keep_lowest(base["latency"], lowest["base"])
+    entry["latency"] = keep_lowest(entry["latency"], lowest["step"])
 
 
 def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: float) -> float:
@@ -240,9 +309,9 @@ def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: f
 
 def _deadlines(plan: Plan, start: float) -> dict[str, float | None]:
     if plan.budget_s is None:
-        return dict.fromkeys(("steps", "final", "control"))
+        return dict.fromkeys(("choose", "steps", "final", "control"))
     share = int(not plan.control)  # index into the shares' (with, without the control) pairs
-    return {"steps": start + _STEPS_UNTIL[share] * plan.budget_s, "final": start + _FINAL_UNTIL[share] * plan.budget_s,
+    return {"choose": start + _CHOOSE_UNTIL[share] * plan.budget_s, "steps": start + _STEPS_UNTIL[share] * plan.budget_s, "final": start + _FINAL_UNTIL[share] * plan.budget_s,
             "control": start + plan.budget_s}
 
 

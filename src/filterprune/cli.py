@@ -75,18 +75,23 @@ def _example(model: nn.Module, size: int, device: str = "cpu") -> torch.Tensor:
     return example
 
 
-def _ignored(model: nn.Module, args) -> list[str]:
-    """--ignore, plus (like the blog, unless --prune-linear) a VGG classifier's Linear layers, plus
-    everything outside --module: names of modules whose outputs are never pruned."""
-    ignore = list(args.ignore)
-    if isinstance(model, torchvision.models.VGG) and not args.prune_linear:
-        ignore += [f"classifier.{n}" for n, m in model.classifier.named_children() if isinstance(m, nn.Linear)]
+def _ignored(model: nn.Module, args, head: bool = True) -> list[str]:
+    """--ignore, plus (like the blog, unless --prune-linear or head=False) a VGG classifier's Linear
+    layers, plus everything outside --module: names of modules whose outputs are never pruned."""
+    ignore = list(args.ignore) + (_vgg_head(model, args) if head else [])
     if args.module:
         inside = args.module + "."
         ignore += [n for n, m in model.named_modules()
                    if n and not n.startswith(inside) and n != args.module and not list(m.children())
                    and any(True for _ in m.parameters(recurse=False))]
     return sorted(set(ignore))
+
+
+def _vgg_head(model: nn.Module, args) -> list[str]:
+    """A VGG classifier's Linear layers, which the blog keeps (unless --prune-linear)."""
+    if not isinstance(model, torchvision.models.VGG) or args.prune_linear:
+        return []
+    return [f"classifier.{n}" for n, m in model.classifier.named_children() if isinstance(m, nn.Linear)]
 
 
 def _submodule(model: nn.Module, name: str | None) -> nn.Module:
@@ -223,8 +228,10 @@ def cmd_prune(args) -> int:
         example = test[0][0].unsqueeze(0).to(device)
         quiet = dict(device=device, progress=not args.quiet, log_fn=print if ctx.is_main else (lambda line: None))
         if planned:
+            # The VGG head kept like the blog's, unless a recovery trial finds pruning it better; --ignore is never overridden.
             pruned, log, control = prune_auto(model, example, loader, val_loader, schedule, _from_args(Plan, args),
-                                              rank_loader=rank_loader, ignore=ignore, **quiet)
+                                              rank_loader=rank_loader, ignore=_ignored(model, args, head=False),
+                                              head_kept=_vgg_head(model, args), **quiet)
         else:
             control = None
             pruned, log = prune_iteratively(model, example, loader, val_loader, schedule, rank_loader=rank_loader, ignore=ignore,
@@ -277,7 +284,7 @@ def _prune_report(args, log: dict, base_test: dict, pruned_test: dict, control_t
         report["control"] = summary(log["control"], control_test)
         report["loop"]["control_accuracy"] = log["control"]["accuracy"]
     if "plan" in log:
-        report["plan"] = {k: log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune")}
+        report["plan"] = {k: log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune", "recovery") if k in log}
     return report
 
 

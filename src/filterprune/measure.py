@@ -131,6 +131,17 @@ def keep_lowest(records: list[dict], new: list[dict]) -> list[dict]:
     return list(kept.values())
 
 
+def in_turns(models: dict[str, nn.Module], time_one: Callable[[nn.Module], list[dict]], rounds: int = 3) -> dict[str, list[dict]]:
+    """Time every model with time_one(model) -> latency records, one after another, `rounds` times, and
+    keep each model's lowest median per runtime and batch (keep_lowest): side by side, all of them see
+    the same load, and the least disturbed timing of each is kept."""
+    kept: dict[str, list[dict]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            kept[name] = keep_lowest(kept[name], time_one(model))
+    return kept
+
+
 def speed_change(before_ms: float, after_ms: float, before_spread: float, after_spread: float) -> str:
     """'2.10x faster', '1.25x slower', or 'no measurable change'.
 

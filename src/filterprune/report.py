@@ -264,11 +264,26 @@ def _plan(report: dict) -> list[str]:
              f"fine-tuned after each until the validation accuracy stopped improving, keeping the best epoch. "
              f"Final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}), stopped by {final['stopped']}.",
              _table(header, rows)]
+    if recovery := plan.get("recovery"):
+        lines += _recovery(recovery)
     lines.append("Gave up for the time budget: " + "; ".join(plan["gave_up"]) + "." if plan["gave_up"] else
                  "Nothing was given up for a time budget.")
     seconds = plan["seconds"]
     lines.append("Time spent: " + ", ".join(f"{name.replace('_', ' ')} {value:.0f} s" for name, value in seconds.items()) + ".")
     return lines
+
+
+def _recovery(recovery: dict) -> list[str]:
+    """Which recovery tools the planned run used, and the trials (recovery.py) that chose them."""
+    used = ", ".join(f"{tool} {value}" for tool, value in recovery["used"].items())
+    rows = [[t["tool"], t["tried"], _value("acc", t["score"]), _value("acc", t["against"]) if "against" in t else "", t["outcome"]]
+            for t in recovery["trials"]]
+    rows += [[t["tool"], "not tried", "", "", t["why"]] for t in recovery["left_out"]]
+    return [f"Recovery tools used: **{used}**. Each was chosen by a trial of the first step ({recovery['asked_macs']:.2f}x fewer "
+            f"MACs, {recovery['trial_epochs']} epochs of fine-tuning, the step's seed) on a copy of the network, scored on the "
+            f"validation images; a tool is used only when it gains more than {recovery['margin']:.2f} points over the setting it "
+            "would replace (the larger of --recovery-margin and 3 validation images), one tool at a time.",
+            _table(["tool", "tried", "validation accuracy", "against", "outcome"], rows)]
 
 
 def _markdown(report: dict, plots: dict[str, Path]) -> str:

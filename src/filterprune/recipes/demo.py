@@ -29,7 +29,7 @@ from torch import nn
 from .. import io
 from ..data import make_loader
 from ..auto import Plan, prune_auto
-from ..measure import keep_lowest, profile
+from ..measure import in_turns, profile
 from ..schedule import Schedule, prune_iteratively
 from ..train import evaluate, fine_tune, make_optimizer, train_epoch
 from .fashion import FASHION_CLASSES, FashionSubset, balanced_indices, fashion_mnist
@@ -188,19 +188,14 @@ def _accuracies(model: nn.Module, loaders: dict, progress: bool) -> dict:
 
 def costs_in_turns(models: dict[str, nn.Module], example: torch.Tensor, rounds: int = 3,
                    threads: int | None = None) -> dict[str, dict]:
-    """Size, MACs and latency at batch 1 and 64 of each model. The models are timed in turns,
-    `rounds` times, and each keeps its lowest median (with that timing's spread): load from
-    elsewhere on the machine slows a timing, it never speeds one up, so the lowest median is the
-    least disturbed one. threads: torch threads while timing (default: all)."""
+    """Size, MACs and latency at batch 1 and 64 of each model, timed in turns (measure.in_turns):
+    each keeps its lowest of `rounds` medians. threads: torch threads while timing (default: all)."""
+    latency = in_turns(models, lambda m: profile(m, example, batch_sizes=(1, 64), threads=threads, min_run_time=1.0).records(),
+                       rounds)
     kept = ("size_mb", "params", "macs", "threads", "device", "dtype")
-    costs: dict[str, dict] = {}
-    for _ in range(rounds):
-        for name, model in models.items():
-            prof = profile(model, example, batch_sizes=(1, 64), threads=threads, min_run_time=1.0).as_dict()
-            cost = costs.setdefault(name, {**{k: prof[k] for k in kept}, "latency": [],
-                                           "timing": f"the lowest of {rounds} medians (the models timed in turns)"})
-            cost["latency"] = keep_lowest(cost["latency"], prof["latency"])
-    return costs
+    return {name: {**{k: v for k, v in profile(model, example, threads=threads, latency=False).as_dict().items() if k in kept},
+                   "latency": latency[name], "timing": f"the lowest of {rounds} medians (the models timed in turns)"}
+            for name, model in models.items()}
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Path | None = None, progress: bool = True,
@@ -273,7 +268,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Pat
                  "evaluated_on": f"{len(sets['val'])} validation images"},
         "stopped": run_log["stopped"],
         "skipped": run_log["skipped"],
-        **({"plan": {k: run_log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune")}} if config.auto else {}),
+        **({"plan": {k: run_log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune", "recovery") if k in run_log}}
+           if config.auto else {}),
         "labels": {"accuracy_800": f"accuracy, the blog's {len(test_blog)} test images",
                    "val_accuracy": f"accuracy, {len(sets['val'])} validation images"},
         "reference": BLOG,

@@ -46,13 +46,17 @@ def test_a_tool_level_on_validation_is_used_when_it_gets_clearly_closer_to_the_t
     reach = {("7",): (0.90, {"speed": 1.6, "size": 1.7}), (): (0.90, {"speed": 2.1, "size": 9.0})}
     chosen, rows, _ = choose(Setting(Schedule(), ("7",)), [switch], lambda s: reach[s.ignore], margin=1.5)
     assert chosen.ignore == () and rows[1]["outcome"].startswith("used: +0.00 points") and "speed 2.10x" in rows[1]["outcome"]
-    # Within timing noise (5%), or a little worse on validation: not used.
-    reach[()] = (0.90, {"speed": 1.65, "size": 1.7})
+    # Within timing noise (15%), or a little worse on validation: not used.
+    reach[()] = (0.90, {"speed": 1.8, "size": 1.7})
     assert choose(Setting(Schedule(), ("7",)), [switch], lambda s: reach[s.ignore], margin=1.5)[0].ignore == ("7",)
     reach[()] = (0.899, {"speed": 2.1, "size": 9.0})
     assert choose(Setting(Schedule(), ("7",)), [switch], lambda s: reach[s.ignore], margin=1.5)[0].ignore == ("7",)
+    # A tool that leaves the network as it is (distillation) is faster only by noise: not used.
+    same = Switch("distill", "distill 0.5", lambda s: Setting(s.schedule, ()), reshapes=False)
+    reach[()] = (0.90, {"speed": 2.1, "size": 9.0})
+    assert choose(Setting(Schedule(), ("7",)), [same], lambda s: reach[s.ignore], margin=1.5)[0].ignore == ("7",)
     # Further on one target but behind on another: not used.
-    reach[()] = (0.90, {"speed": 2.1, "size": 1.5})
+    reach[()] = (0.90, {"speed": 2.1, "size": 1.4})
     assert choose(Setting(Schedule(), ("7",)), [switch], lambda s: reach[s.ignore], margin=1.5)[0].ignore == ("7",)
 
 

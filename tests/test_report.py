@@ -112,6 +112,8 @@ def test_targets_met_and_missed_from_the_numbers(tmp_path):
     assert "against the baseline: lost 0.60 points — **MET**" in write_report(report, tmp_path)["markdown"].read_text()
     report["targets"] = {"max_accuracy_drop_points": 0.5}
     assert "lost 0.60 points — **MISSED**" in write_report(report, tmp_path)["markdown"].read_text()
+    report["pruned"]["accuracy"] = report["baseline"]["accuracy"] + 0.009
+    assert "against the baseline: gained 0.90 points — **MET**" in write_report(report, tmp_path)["markdown"].read_text()
 
 
 def test_a_drop_of_exactly_the_goal_is_met(tmp_path):

@@ -203,7 +203,8 @@ def _targets(report: dict) -> list[str]:
             reference, label = (report["control"], "the control") if "control" in report else (base, "the baseline")
             # Judged as the loop judges its limit (schedule.within_drop), so the two never disagree.
             drop, met = accuracy_drop(reference["accuracy"], pruned["accuracy"]), within_drop(reference["accuracy"], pruned["accuracy"], goal)
-            lines.append(f"- lose at most {goal} accuracy points against {label}: lost {drop:.2f} points — "
+            change = f"lost {drop:.2f} points" if drop > 0 else f"gained {-drop:.2f} points" if drop < 0 else "level"
+            lines.append(f"- lose at most {goal} accuracy points against {label}: {change} — "
                          f"**{'MET' if met else 'MISSED'}**")
         elif name in LATENCY_TARGETS and _get(base, key := (runtime := _headline_runtime(base), LATENCY_TARGETS[name])) \
                 and _get(pruned, key):

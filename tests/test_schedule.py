@@ -654,6 +654,23 @@ def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_epoch():
     assert (capped["epochs"], capped["best_epoch"], capped["stopped"]) == (3, 3, "the cap of 3 epochs")
 
 
+def test_the_learning_rate_falls_after_an_epoch_without_a_better_score():
+    """Plan(stalled_lr_factor=0.5): each epoch that does not improve halves the rate on top of the cosine."""
+    from filterprune.auto import _trainer
+    from filterprune.train import fine_tune_to_plateau
+
+    model, data = tiny()
+    epoch_fn = _trainer(Schedule(lr=0.1), torch.utils.data.DataLoader(data, batch_size=6), nn.functional.cross_entropy, None, "cpu",
+                        False, stalled_factor=0.5)(model, 4)
+    rates, scores = [], iter([0.5, 0.6, 0.55, 0.55, 0.7])  # epoch 1 improves, 2 and 3 do not, 4 does
+    optimizer = next(c.cell_contents for c in epoch_fn.__closure__ if isinstance(c.cell_contents, torch.optim.Optimizer))
+    wrapped = lambda epoch: (epoch_fn(epoch), rates.append(optimizer.param_groups[0]["lr"]))  # noqa: E731
+    wrapped.stalled = epoch_fn.stalled
+    fine_tune_to_plateau(model, wrapped, lambda: next(scores), max_epochs=4, patience=3)
+    cosine = [0.1 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(1, 5)]
+    assert rates == pytest.approx([cosine[0], cosine[1], cosine[2] * 0.5, cosine[3] * 0.25])
+
+
 def planned(schedule: Schedule, plan, evaluate_fn, trainer=None, clock=None):
     from filterprune.auto import prune_auto
 

@@ -55,6 +55,8 @@ class Plan:
                                            "fine-tuning into it and says what it gave up", flag="--budget")
     control: bool = _option(True, "also fine-tune the unpruned network for as many epochs, to compare against "
                                   "(skipped when the budget does not allow it)")
+    stalled_lr_factor: float = _option(1.0, "multiply the learning rate by this after a fine-tuning epoch that did not improve "
+                                            "the validation score (1: the cosine alone)")
     choose_recovery: bool = _option(True, "choose --normalize, the head pruned or kept, and --distill by trials of the first step "
                                           "on the validation images (off: use them as given)")
     trial_epochs: int = _option(2, "fine-tuning epochs of each trial that chooses the recovery tools")
@@ -111,7 +113,8 @@ def prune_auto(
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if aim.distill or plan.choose_recovery else None
     unpruned = copy.deepcopy(model) if plan.control else None
     reference = copy.deepcopy(model).eval()  # timed beside every step: see _time_in_turns
-    trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress)  # noqa: E731
+    trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress,  # noqa: E731
+                                                plan.stalled_lr_factor)
     score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
     deadline = _deadlines(plan, start)
     pruner = _pruner(model, example, aim, ignore)
@@ -315,9 +318,11 @@ def _deadlines(plan: Plan, start: float) -> dict[str, float | None]:
             "control": start + plan.budget_s}
 
 
-def _trainer(aim: Schedule, loader, loss_fn: Callable, teacher: nn.Module | None, device: str, progress: bool):
+def _trainer(aim: Schedule, loader, loss_fn: Callable, teacher: nn.Module | None, device: str, progress: bool,
+             stalled_factor: float = 1.0):
     """trainer(model, epochs): one epoch at a time of a fine-tune with a fresh optimizer and a cosine
-    learning rate over `epochs` (restarted by every call: every step)."""
+    learning rate over `epochs` (restarted by every call: every step), scaled by `stalled_factor`
+    after every epoch that did not improve (fine_tune_to_plateau calls one_epoch.stalled)."""
 
     def make(model: nn.Module, epochs: int) -> Callable[[int], float]:
         if aim.channels_last:
@@ -332,6 +337,12 @@ def _trainer(aim: Schedule, loader, loss_fn: Callable, teacher: nn.Module | None
             cosine.step()
             return history["loss"]
 
+        def stalled() -> None:  # the cosine is chainable: it goes on from the lowered rate
+            for group in optimizer.param_groups:
+                group["lr"] *= stalled_factor
+
+        if stalled_factor != 1.0:
+            one_epoch.stalled = stalled
         return one_epoch
 
     return make

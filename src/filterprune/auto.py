@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .distributed import Context
-from .measure import deployment_batch, in_turns, keep_lowest
+from .measure import deployment_batch, in_turns, keep_lowest, profile
 from .recovery import Setting, choose, margin_for, switches
 from .schedule import (Schedule, _latency, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, timed,
                        check_reachable, decide)
@@ -109,8 +109,10 @@ def prune_auto(
     evaluate_fn = evaluate_fn or (lambda m: evaluate(m, val_loader, loss_fn, device=device, progress=False))
     check_reachable(model, example, aim, ignore)
     model.to(device)
-    # The teacher is the unpruned network, needed when distillation is on or may be chosen.
-    teacher = copy.deepcopy(model).requires_grad_(False).eval() if aim.distill or plan.choose_recovery else None
+    # The teacher is the unpruned network, needed when distillation is on or may be chosen (not with
+    # the caller's own trainer, which distils or not by itself).
+    may_distill = (aim.distill or plan.choose_recovery) and trainer is None
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if may_distill else None
     unpruned = copy.deepcopy(model) if plan.control else None
     reference = copy.deepcopy(model).eval()  # timed beside every step: see _time_in_turns
     trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress,  # noqa: E731
@@ -248,7 +250,7 @@ def _choose_recovery(model: nn.Module, example, setting: Setting, fixed: list[st
 def _reached(net: nn.Module, base: dict, reference: nn.Module, example, aim: Schedule, device: str) -> dict[str, float]:
     """How far `net` has come towards aim's targets: {"macs", "speed", "size": factor}, the speed timed in
     turns with the unpruned `reference` (_time_in_turns)."""
-    entry = _measure(net, example, {aim.metric: 0.0}, aim, device)
+    entry = {**profile(net, example, latency=False, device=device).as_dict(), "latency": []}  # timed below, only if needed
     reached = {}
     if aim.target_macs is not None:
         reached["macs"] = base["macs"] / entry["macs"]

@@ -111,11 +111,10 @@ def choose(setting: Setting, candidates: Iterable[Switch], trial: Callable[[Sett
         row = {"tool": switch.tool, "tried": switch.label, "score": score, "against": best, "reached": further}
         said = (f"{gain:+.2f} points on validation (needs more than +{margin:.2f}"
                 + (", or at least level and 15% closer to the targets" if switch.reshapes else "; it leaves the network as it is"))
-        if gain > margin or (switch.reshapes and gain >= 0 and _closer(further, reached)):
-            row["outcome"] = f"used: {said}; reached {_reach(further)} against {_reach(reached)})"
+        used = gain > margin or (switch.reshapes and gain >= 0 and _closer(further, reached))
+        row["outcome"] = f"{'used' if used else 'not used'}: {said}; reached {_reach(further)} against {_reach(reached)})"
+        if used:
             setting, best, reached = tried, score, further
-        else:
-            row["outcome"] = f"not used: {said}; reached {_reach(further)} against {_reach(reached)})"
         rows.append(row)
     return setting, rows, gave_up
 

@@ -654,21 +654,35 @@ def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_epoch():
     assert (capped["epochs"], capped["best_epoch"], capped["stopped"]) == (3, 3, "the cap of 3 epochs")
 
 
-def test_the_learning_rate_falls_after_an_epoch_without_a_better_score():
-    """Plan(stalled_lr_factor=0.5): each epoch that does not improve halves the rate on top of the cosine."""
-    from filterprune.auto import _trainer
-    from filterprune.train import fine_tune_to_plateau
+def test_the_final_fine_tune_runs_cosine_cycles_while_they_beat_the_best_score():
+    """Plan(final_cycle=2): cycles of 2, then 4 epochs, each from the best weights so far, each a whole
+    cosine (no early stop inside one: its first epochs at the restarted rate score low); the run ends
+    with the cycle that did not beat the best, or at final_max_epochs, and keeps the best epoch."""
+    from filterprune.auto import Plan, _final_fine_tune
 
-    model, data = tiny()
-    epoch_fn = _trainer(Schedule(lr=0.1), torch.utils.data.DataLoader(data, batch_size=6), nn.functional.cross_entropy, None, "cpu",
-                        False, stalled_factor=0.5)(model, 4)
-    rates, scores = [], iter([0.5, 0.6, 0.55, 0.55, 0.7])  # epoch 1 improves, 2 and 3 do not, 4 does
-    optimizer = next(c.cell_contents for c in epoch_fn.__closure__ if isinstance(c.cell_contents, torch.optim.Optimizer))
-    wrapped = lambda epoch: (epoch_fn(epoch), rates.append(optimizer.param_groups[0]["lr"]))  # noqa: E731
-    wrapped.stalled = epoch_fn.stalled
-    fine_tune_to_plateau(model, wrapped, lambda: next(scores), max_epochs=4, patience=3)
-    cosine = [0.1 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(1, 5)]
-    assert rates == pytest.approx([cosine[0], cosine[1], cosine[2] * 0.5, cosine[3] * 0.25])
+    def run(plan, by_epoch):
+        model, lengths, done = nn.Linear(1, 1), [], [0]
+        model.weight.data.fill_(0)
+
+        def fine_tuner(net, epochs):
+            lengths.append(epochs)
+
+            def one_epoch(epoch):
+                done[0] += 1
+                net.weight.data.fill_(done[0])  # the weights say which epoch, overall, they come from
+
+            return one_epoch
+
+        return model, lengths, _final_fine_tune(model, fine_tuner, lambda: by_epoch[int(model.weight.item())], plan, None, time.perf_counter)
+
+    scores = {0: 0.5, 1: 0.4, 2: 0.6, 3: 0.55, 4: 0.58, 5: 0.59, 6: 0.57}  # cycle 1 (epochs 1-2) gains; cycle 2 (3-6) does not
+    with torch.no_grad():
+        model, lengths, final = run(Plan(final_cycle=2, final_max_epochs=24), scores)
+        assert lengths == [2, 4] and (final["epochs"], final["best_epoch"]) == (6, 2)
+        assert final["scores"] == [0.5, 0.4, 0.6, 0.55, 0.58, 0.59, 0.57]
+        assert final["stopped"] == "a cycle of 4 epochs without a better score" and model.weight.item() == 2
+        model, lengths, final = run(Plan(final_cycle=2, final_max_epochs=5), {e: e / 10 for e in range(6)})
+        assert lengths == [2, 3] and (final["epochs"], final["best_epoch"], final["stopped"]) == (5, 5, "the cap of 5 epochs")
 
 
 def planned(schedule: Schedule, plan, evaluate_fn, trainer=None, clock=None):

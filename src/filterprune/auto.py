@@ -6,11 +6,13 @@ step that held. After each step the network is fine-tuned until the validation s
 improving (early stopping; the learning rate's cosine restarts at every step) and keeps its best
 epoch. A step that cannot recover to within max_accuracy_drop of the baseline is rolled back and
 retried at the square root of its size; once that falls below plan.min_step the plan ends. The
-final fine-tune also runs to a plateau, and the control (the unpruned network fine-tuned for the
-same number of epochs) tells what those epochs alone give. Before the first step, the recovery
-tools (normalisation, the head pruned or kept, distillation) are chosen on validation by short
-trials of that step (recovery.py). A time budget is shared out between those trials, the steps,
-the final fine-tune and the control, and whatever it cut is listed in log["gave_up"].
+final fine-tune runs in cosine cycles, each twice as long as the last, until one no longer beats
+the best score (_final_fine_tune). The
+control (the unpruned network fine-tuned for the same number of epochs) tells what those epochs
+alone give. Before the first step, the recovery tools (normalisation, the head pruned or kept,
+distillation) are chosen on validation by short trials of that step (recovery.py). A time budget
+is shared out between those trials, the steps, the final fine-tune and the control, and whatever
+it cut is listed in log["gave_up"].
 
 Stopping is schedule.decide's, with every target required (not the first one met).
 """
@@ -45,8 +47,9 @@ class Plan:
 
     patience: int = _option(3, "epochs without a better validation score before a step's fine-tuning stops")
     max_epochs: int = _option(10, "most fine-tuning epochs after a step")
-    final_patience: int = _option(5, "epochs without a better validation score before the final fine-tune stops")
-    final_max_epochs: int = _option(30, "most epochs of the final fine-tune")
+    final_cycle: int = _option(8, "epochs of the final fine-tune's first cosine cycle; each next one is twice as long, run "
+                                  "while the last beat the best validation score")
+    final_max_epochs: int = _option(24, "most epochs of the final fine-tune")
     first_step: float = _option(1.8, "MACs reduction of the first planned step (later: what the targets need, at most the last "
                                      "step that held)")
     min_step: float = _option(1.05, "the smallest step tried: when even a step this small loses too much, the plan ends")
@@ -55,8 +58,6 @@ class Plan:
                                            "fine-tuning into it and says what it gave up", flag="--budget")
     control: bool = _option(True, "also fine-tune the unpruned network for as many epochs, to compare against "
                                   "(skipped when the budget does not allow it)")
-    stalled_lr_factor: float = _option(1.0, "multiply the learning rate by this after a fine-tuning epoch that did not improve "
-                                            "the validation score (1: the cosine alone)")
     choose_recovery: bool = _option(True, "choose --normalize, the head pruned or kept, and --distill by trials of the first step "
                                           "on the validation images (off: use them as given)")
     trial_epochs: int = _option(2, "fine-tuning epochs of each trial that chooses the recovery tools")
@@ -115,8 +116,7 @@ def prune_auto(
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if may_distill else None
     unpruned = copy.deepcopy(model) if plan.control else None
     reference = copy.deepcopy(model).eval()  # timed beside every step: see _time_in_turns
-    trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress,  # noqa: E731
-                                                plan.stalled_lr_factor)
+    trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress)  # noqa: E731
     score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
     deadline = _deadlines(plan, start)
     pruner = _pruner(model, example, aim, ignore)
@@ -201,8 +201,7 @@ def prune_auto(
 
     t = clock()
     _seed(aim, 10_000, (train_loader,))
-    final = fine_tune_to_plateau(model, fine_tuner(model, plan.final_max_epochs), lambda: score(model), plan.final_max_epochs,
-                                 plan.final_patience, deadline["final"], clock)
+    final = _final_fine_tune(model, fine_tuner, lambda: score(model), plan, deadline["final"], clock)
     log["seconds"]["final"] = clock() - t
     if final["stopped"] == "the time budget":
         log["gave_up"].append(f"final fine-tuning: stopped by the budget after {final['epochs']} of at most {plan.final_max_epochs} epochs")
@@ -260,6 +259,29 @@ def _reached(net: nn.Module, base: dict, reference: nn.Module, example, aim: Sch
     if aim.target_size is not None:
         reached["size"] = base["size_mb"] / entry["size_mb"]
     return reached
+
+
+def _final_fine_tune(model: nn.Module, fine_tuner, score, plan: Plan, deadline: float | None, clock) -> dict:
+    """Cosine cycles from the model's best weights: plan.final_cycle epochs, then each twice as long
+    while the last beat the best validation score, plan.final_max_epochs in all; the best epoch is
+    kept. Not early stopping within one cosine: the rate restarts high, the first epochs score below
+    the start, and the gain comes as the rate falls, after any patience would have stopped it.
+    Returns fine_tune_to_plateau's dict over all cycles ("scores": epoch 0, 1, ...)."""
+    scores, best, epochs, length = [score()], 0, 0, plan.final_cycle
+    stopped = f"the cap of {plan.final_max_epochs} epochs"
+    while epochs < plan.final_max_epochs:
+        length = min(length, plan.final_max_epochs - epochs)
+        cycle = fine_tune_to_plateau(model, fine_tuner(model, length), score, length, length + 1, deadline, clock)
+        scores += cycle["scores"][1:]  # its epoch 0 is the best so far, scored again
+        best, epochs = (epochs + cycle["best_epoch"] if cycle["best_epoch"] else best), epochs + cycle["epochs"]
+        if cycle["stopped"] == "the time budget":
+            stopped = cycle["stopped"]
+            break
+        if not cycle["best_epoch"]:
+            stopped = f"a cycle of {length} epochs without a better score"
+            break
+        length *= 2
+    return {"scores": scores, "best_epoch": best, "epochs": epochs, "stopped": stopped}
 
 
 def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: float | None, aim: Schedule, example, evaluate_fn,
@@ -320,11 +342,9 @@ def _deadlines(plan: Plan, start: float) -> dict[str, float | None]:
             "control": start + plan.budget_s}
 
 
-def _trainer(aim: Schedule, loader, loss_fn: Callable, teacher: nn.Module | None, device: str, progress: bool,
-             stalled_factor: float = 1.0):
+def _trainer(aim: Schedule, loader, loss_fn: Callable, teacher: nn.Module | None, device: str, progress: bool):
     """trainer(model, epochs): one epoch at a time of a fine-tune with a fresh optimizer and a cosine
-    learning rate over `epochs` (restarted by every call: every step), scaled by `stalled_factor`
-    after every epoch that did not improve (fine_tune_to_plateau calls one_epoch.stalled)."""
+    learning rate over `epochs` (restarted by every call: every step)."""
 
     def make(model: nn.Module, epochs: int) -> Callable[[int], float]:
         if aim.channels_last:
@@ -339,12 +359,6 @@ def _trainer(aim: Schedule, loader, loss_fn: Callable, teacher: nn.Module | None
             cosine.step()
             return history["loss"]
 
-        def stalled() -> None:  # the cosine is chainable: it goes on from the lowered rate
-            for group in optimizer.param_groups:
-                group["lr"] *= stalled_factor
-
-        if stalled_factor != 1.0:
-            one_epoch.stalled = stalled
         return one_epoch
 
     return make

@@ -83,8 +83,7 @@ class DemoConfig:
     # from TARGETS (auto.prune_auto, its default Plan), and fine-tunes the control itself.
     auto: bool = False
     auto_max_epochs: int = 10  # auto.Plan's defaults; quick() shortens them for a smoke test
-    auto_final_max_epochs: int = 30
-    auto_stalled_lr_factor: float = 1.0  # auto.Plan's: the learning rate scaled after an epoch without a better score
+    auto_final_max_epochs: int = 24
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -287,8 +286,7 @@ def _planned(model: nn.Module, example, train_loader, val_loader, rank_loader, c
     config.lr, weight decay 5e-4, as in transfer()) and nothing of its pruning recipe."""
     schedule = Schedule(target_speedup=TARGETS["latency_b64"], latency_batch=64, target_size=TARGETS["size"],
                         max_accuracy_drop=TARGETS["max_accuracy_drop_points"], lr=config.lr, weight_decay=5e-4, seed=config.seed)
-    plan = Plan(max_epochs=config.auto_max_epochs, final_max_epochs=config.auto_final_max_epochs,
-                stalled_lr_factor=config.auto_stalled_lr_factor)
+    plan = Plan(max_epochs=config.auto_max_epochs, final_max_epochs=config.auto_final_max_epochs)
     pruned, run_log, control = prune_auto(model, example, train_loader, val_loader, schedule, plan, rank_loader=rank_loader,
                                           ignore=list(config.ignore), device="cpu", progress=progress, log_fn=log)
     if control is None:

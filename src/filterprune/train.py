@@ -120,10 +120,9 @@ def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], sc
     """Early stopping: run epoch_fn(epoch) (one epoch of training, epochs counted from 1) at most
     max_epochs times, scoring the model with score_fn() (higher is better) before the first and
     after each; stop once `patience` epochs in a row did not beat the best score, or when clock()
-    reaches `deadline`. After an epoch that did not beat it, epoch_fn.stalled() is called if
-    epoch_fn has one (e.g. to lower the learning rate). The model is left with its best epoch's
-    weights and buffers (epoch 0: as it came, if no epoch beat that). Returns {"scores": [epoch 0,
-    1, ...], "best_epoch", "epochs", "stopped"}."""
+    reaches `deadline`. The model is left with its best epoch's weights and buffers (epoch 0: as it
+    came, if no epoch beat that). Returns {"scores": [epoch 0, 1, ...], "best_epoch", "epochs",
+    "stopped"}."""
     scores = [score_fn()]
     best, best_state, stopped = 0, _copy_state(model), f"the cap of {max_epochs} epochs"
     for epoch in range(1, max_epochs + 1):
@@ -137,8 +136,6 @@ def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], sc
         elif epoch - best >= patience:
             stopped = f"a plateau ({patience} epochs without a better score)"
             break
-        elif stalled := getattr(epoch_fn, "stalled", None):
-            stalled()
     model.load_state_dict(best_state)
     return {"scores": scores, "best_epoch": best, "epochs": len(scores) - 1, "stopped": stopped}
 

@@ -673,12 +673,18 @@ def test_the_final_fine_tune_runs_cosine_cycles_while_they_beat_the_best_score()
 
             return one_epoch
 
-        return model, lengths, _final_fine_tune(model, fine_tuner, lambda: by_epoch[int(model.weight.item())], plan, None, time.perf_counter)
+        def score():
+            scored.append(int(model.weight.item()))
+            return by_epoch[scored[-1]]
+
+        return model, lengths, _final_fine_tune(model, fine_tuner, score, plan, None, time.perf_counter)
 
     scores = {0: 0.5, 1: 0.4, 2: 0.6, 3: 0.55, 4: 0.58, 5: 0.59, 6: 0.57}  # cycle 1 (epochs 1-2) gains; cycle 2 (3-6) does not
+    scored = []
     with torch.no_grad():
         model, lengths, final = run(Plan(final_cycle=2, final_max_epochs=24), scores)
         assert lengths == [2, 4] and (final["epochs"], final["best_epoch"]) == (6, 2)
+        assert scored == [0, 1, 2, 3, 4, 5, 6]  # a cycle starts from the best weights, whose score is known: not scored again
         assert final["scores"] == [0.5, 0.4, 0.6, 0.55, 0.58, 0.59, 0.57]
         assert final["stopped"] == "a cycle of 4 epochs without a better score" and model.weight.item() == 2
         model, lengths, final = run(Plan(final_cycle=2, final_max_epochs=5), {e: e / 10 for e in range(6)})
@@ -760,14 +766,19 @@ def test_prune_auto_needs_a_target():
         planned(Schedule(), Plan(), lambda m: {"accuracy": 1.0})
 
 
-def test_timing_in_turns_keeps_each_models_lowest_time(monkeypatch):
-    """Load only slows a timing: the planned loop keeps the baseline's and the step's lowest of the
-    timings taken side by side."""
+def test_timing_in_turns_judges_the_speed_by_the_median_of_each_rounds_ratio(monkeypatch):
+    """The planned loop's speed-up is the median of the ratios of timings taken back to back (5/2, 4/1,
+    6/3: 2.5x), not the ratio of the two lowest times (4/1: 4x), which come from different rounds; the
+    tables keep each one's lowest time."""
     from filterprune import auto
+    from filterprune.schedule import speedup
 
     times = iter([5.0, 2.0, 4.0, 1.0, 6.0, 3.0])  # reference, model, reference, model, ...
     record = lambda ms: {"runtime": "eager", "batch": 2, "ms": ms, "iqr_ms": 0.0}  # noqa: E731
     monkeypatch.setattr(auto, "timed", lambda model, example, runtime, batch, device: record(next(times)))
     base, entry = {"latency": [record(10.0)]}, {"latency": [record(9.0)]}
-    auto._time_in_turns(base, entry, nn.Identity(), nn.Identity(), torch.zeros(1, 3), Schedule(latency_batch=2), "cpu")
+    auto._time_in_turns(base, entry, nn.Identity(), nn.Identity(), torch.zeros(1, 3), Schedule(latency_batch=2), "cpu", rounds=3)
     assert (base["latency"][0]["ms"], entry["latency"][0]["ms"]) == (4.0, 1.0)
+    assert entry["speedup"] == [{"runtime": "eager", "batch": 2, "x": 2.5, "ratios": [2.5, 4.0, 2.0]}]
+    assert speedup(base, entry, 2, "eager") == 2.5
+    assert speedup(base, {"latency": [record(2.0)]}, 2, "eager") == 2.0  # no paired timing: the latencies' ratio

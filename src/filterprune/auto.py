@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from .distributed import Context
-from .measure import deployment_batch, in_turns, keep_lowest, profile
+from .measure import deployment_batch, keep_lowest, profile, speedups_in_turns
 from .recovery import Setting, choose, margin_for, switches
-from .schedule import (Schedule, _latency, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, timed,
-                       check_reachable, decide)
+from .schedule import (Schedule, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, check_reachable,
+                       decide, speedup, timed)
 from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
 
 # Shares of a time budget, as the deadlines of each phase from the start (with, without the control):
@@ -254,7 +254,7 @@ def _reached(net: nn.Module, base: dict, reference: nn.Module, example, aim: Sch
         reached["macs"] = base["macs"] / entry["macs"]
     if aim.target_speedup is not None:
         _time_in_turns(base, entry, reference, net, example, aim, device)
-        reached["speed"] = _latency(base, aim.latency_batch, aim.runtime) / _latency(entry, aim.latency_batch, aim.runtime)
+        reached["speed"] = speedup(base, entry, aim.latency_batch, aim.runtime)
     if aim.target_size is not None:
         reached["size"] = base["size_mb"] / entry["size_mb"]
     return reached
@@ -270,8 +270,9 @@ def _final_fine_tune(model: nn.Module, fine_tuner, score, plan: Plan, deadline: 
     stopped = f"the cap of {plan.final_max_epochs} epochs"
     while epochs < plan.final_max_epochs:
         length = min(length, plan.final_max_epochs - epochs)
-        cycle = fine_tune_to_plateau(model, fine_tuner(model, length), score, length, length + 1, deadline, clock)
-        scores += cycle["scores"][1:]  # its epoch 0 is the best so far, scored again
+        cycle = fine_tune_to_plateau(model, fine_tuner(model, length), score, length, length + 1, deadline, clock,
+                                     first_score=max(scores))  # the model comes with the best weights so far
+        scores += cycle["scores"][1:]
         best, epochs = (epochs + cycle["best_epoch"] if cycle["best_epoch"] else best), epochs + cycle["epochs"]
         if cycle["stopped"] == "the time budget":
             stopped = cycle["stopped"]
@@ -306,14 +307,15 @@ def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: 
 
 
 def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule, device: str,
-                   rounds: int = 3) -> None:
-    """Time the unpruned `reference` and the pruned `model` in turns (measure.in_turns) in eager PyTorch
-    and aim.runtime, and keep each one's lowest time in `base` and `entry` (the baseline's over all steps)."""
+                   rounds: int = 5) -> None:
+    """Time the unpruned `reference` and the pruned `model` in turns in eager PyTorch and aim.runtime:
+    entry["speedup"] is the median of the rounds' ratios (measure.speedups_in_turns), which the loop
+    judges the speed target by; `base` and `entry` keep each one's lowest time, for the tables."""
     runtimes = tuple(dict.fromkeys(("eager", aim.runtime)))
-    lowest = in_turns({"base": reference, "step": model},
-                      lambda net: [timed(net, example, r, aim.latency_batch, device) for r in runtimes], rounds)
-    base["latency"] = keep_lowest(base["latency"], lowest["base"])
-    entry["latency"] = keep_lowest(entry["latency"], lowest["step"])
+    lowest_base, lowest_step, entry["speedup"] = speedups_in_turns(
+        reference, model, lambda net: [timed(net, example, r, aim.latency_batch, device) for r in runtimes], rounds)
+    base["latency"] = keep_lowest(base["latency"], lowest_base)
+    entry["latency"] = keep_lowest(entry["latency"], lowest_step)
 
 
 def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: float) -> float:
@@ -324,7 +326,7 @@ def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: f
     macs_done = base["macs"] / now["macs"]
     needs = []
     for target, reached in ((aim.target_macs, macs_done),
-                            (aim.target_speedup, _latency(base, aim.latency_batch, aim.runtime) / _latency(now, aim.latency_batch, aim.runtime)),
+                            (aim.target_speedup, speedup(base, now, aim.latency_batch, aim.runtime)),
                             (aim.target_size, base["size_mb"] / now["size_mb"])):
         if target is None or reached >= target:
             continue

@@ -142,6 +142,29 @@ def in_turns(models: dict[str, nn.Module], time_one: Callable[[nn.Module], list[
     return kept
 
 
+def speedups_in_turns(before: nn.Module, after: nn.Module, time_one: Callable[[nn.Module], list[dict]],
+                      rounds: int = 5) -> tuple[list[dict], list[dict], list[dict]]:
+    """Time `before` and `after` one after the other, `rounds` times. Returns each one's lowest records
+    (keep_lowest) and, per runtime and batch, the speed-up {"runtime", "batch", "x", "ratios"}: the
+    median over rounds of before's ms / after's ms within a round. Load on the machine slows both
+    timings of a round alike and cancels from their ratio; the two lowest times, which can come from
+    different rounds, do not cancel it."""
+    lowest: dict[str, list[dict]] = {"before": [], "after": []}
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        pair = {name: time_one(model) for name, model in (("before", before), ("after", after))}
+        for name, records in pair.items():
+            lowest[name] = keep_lowest(lowest[name], records)
+        after_ms = {(r["runtime"], r["batch"]): r["ms"] for r in pair["after"]}
+        for r in pair["before"]:
+            key = (r["runtime"], r["batch"])
+            if key in after_ms and after_ms[key] > 0:
+                ratios.setdefault(key, []).append(r["ms"] / after_ms[key])
+    speedups = [{"runtime": runtime, "batch": batch, "x": statistics.median(values), "ratios": [round(v, 4) for v in values]}
+                for (runtime, batch), values in ratios.items()]
+    return lowest["before"], lowest["after"], speedups
+
+
 def speed_change(before_ms: float, after_ms: float, before_spread: float, after_spread: float) -> str:
     """'2.10x faster', '1.25x slower', or 'no measurable change'.
 

@@ -253,10 +253,11 @@ def _plan(report: dict) -> list[str]:
     plan, loop = report["plan"], report.get("loop", {})
     base, its = loop.get("baseline", report["baseline"]), report.get("iterations", [])
     batch = (_batches(*its) or _batches(base) or [None])[0]  # the batch the loop timed
-    header = ["step", "asked (of the model before)", "MACs (vs baseline)", f"speed b{batch}", "size", "validation accuracy", "epochs (best)",
+    runtime = _headline_runtime(base)
+    header = ["step", "asked (of the model before)", "MACs (vs baseline)", f"speed b{batch}{_in(runtime, base)}", "size", "validation accuracy", "epochs (best)",
               "fine-tune stopped by", "outcome", "seconds (prune + fine-tune)"]
     rows = [[it["iteration"], f"{it['asked_macs']:.2f}x fewer MACs", f"{base['macs'] / it['macs']:.2f}x fewer",
-             _speed(base, it, batch), f"{base['size_mb'] / it['size_mb']:.1f}x smaller", _value("acc", it["accuracy"]),
+             _step_speed(base, it, batch, runtime), f"{base['size_mb'] / it['size_mb']:.1f}x smaller", _value("acc", it["accuracy"]),
              f"{it['epochs']} ({it['best_epoch']})", it["fine_tune_stopped"], it["why"],
              f"{it['seconds']['prune']:.0f} + {it['seconds']['fine_tune']:.0f}"] for it in its]
     final = plan["final_fine_tune"]
@@ -272,6 +273,18 @@ def _plan(report: dict) -> list[str]:
     seconds = plan["seconds"]
     lines.append("Time spent: " + ", ".join(f"{name.replace('_', ' ')} {value:.0f} s" for name, value in seconds.items()) + ".")
     return lines
+
+
+def _step_speed(base: dict, step: dict, batch: int, runtime: str) -> str:
+    """A planned step's speed-up as the loop judged it: the median of the ratios timed in turns beside
+    the baseline (measure.speedups_in_turns), a change only when every round agrees on its direction."""
+    paired = [r for r in step.get("speedup", []) if (r["runtime"], r["batch"]) == (runtime, batch)]
+    if not paired:
+        return _speed(base, step, batch, runtime)
+    x, ratios = paired[0]["x"], paired[0]["ratios"]
+    if min(ratios) <= 1 <= max(ratios) or round(x, 2) == 1.0 or round(1 / x, 2) == 1.0:
+        return "no measurable change"
+    return (f"{x:.2f}x faster" if x > 1 else f"{1 / x:.2f}x slower") + f" (median of {len(ratios)} turns)"
 
 
 def _recovery(recovery: dict) -> list[str]:

@@ -116,14 +116,15 @@ def fine_tune(model: nn.Module, loader: Iterable, epochs: int, lr: float = 1e-3,
 
 
 def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], score_fn: Callable[[], float], max_epochs: int,
-                         patience: int, deadline: float | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
+                         patience: int, deadline: float | None = None, clock: Callable[[], float] = time.perf_counter,
+                         first_score: float | None = None) -> dict:
     """Early stopping: run epoch_fn(epoch) (one epoch of training, epochs counted from 1) at most
     max_epochs times, scoring the model with score_fn() (higher is better) before the first and
     after each; stop once `patience` epochs in a row did not beat the best score, or when clock()
     reaches `deadline`. The model is left with its best epoch's weights and buffers (epoch 0: as it
-    came, if no epoch beat that). Returns {"scores": [epoch 0, 1, ...], "best_epoch", "epochs",
-    "stopped"}."""
-    scores = [score_fn()]
+    came, if no epoch beat that). first_score: the model's score as it comes, where the caller has
+    it (not scored again). Returns {"scores": [epoch 0, 1, ...], "best_epoch", "epochs", "stopped"}."""
+    scores = [score_fn() if first_score is None else first_score]
     best, best_state, stopped = 0, _copy_state(model), f"the cap of {max_epochs} epochs"
     for epoch in range(1, max_epochs + 1):
         if deadline is not None and clock() >= deadline:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from filterprune.measure import latency, speed_change
+from filterprune.report import speed_vs_baseline
+from filterprune.schedule import speedup
 from filterprune.recipes.demo import TARGETS, DemoConfig, run_demo
 
 
@@ -61,13 +62,12 @@ def main() -> None:
         else:
             report = run_demo(done.parent, config, progress=False, log=lambda line: None)
         base, control, pruned = report["baseline"], report["control"], report["pruned"]
-        timed = {b: (latency(base, b), latency(pruned, b)) for b in (1, 64)}
-        speeds = [speed_change(before["ms"], after["ms"], before["iqr_ms"], after["iqr_ms"]) for before, after in timed.values()]
+        speeds = [speed_vs_baseline(base, pruned, b) for b in (1, 64)]
         n = {"baseline": 100 * base["accuracy"], "control": 100 * control["accuracy"], "pruned": 100 * pruned["accuracy"],
              "vs control": 100 * (pruned["accuracy"] - control["accuracy"]),
              "val vs control": 100 * (pruned["val_accuracy"] - control["val_accuracy"]),
              "macs": base["macs"] / pruned["macs"], "size": base["size_mb"] / pruned["size_mb"],
-             **{f"b{b}": before["ms"] / after["ms"] for b, (before, after) in timed.items()},
+             **{f"b{b}": speedup(base, pruned, b, "eager") for b in (1, 64)},
              "wall": report["wall_s"] / 60}
         numbers.append(n)
         rows.append([str(seed), *(f"{n[k]:.2f}" for k in ("baseline", "control", "pruned")), f"{n['vs control']:+.2f}",

@@ -90,6 +90,22 @@ def test_keep_lowest_keeps_the_lowest_median_of_each_runtime_and_batch():
                                                                          ("onnxruntime", 1, 0.7)]
 
 
+def test_in_turns_gives_each_models_speed_up_over_the_first_as_the_median_of_the_rounds_ratios():
+    """Three models timed in turns, 3 rounds, a load that doubles every time in round 2: the lowest
+    times are kept, and the speed-ups over the first model are per round (10/5, 20/10, 11/5.5: 2x),
+    unmoved by the load, which a ratio of the lowest times (10/5) happens to match here only
+    because every model had its lowest in round 1."""
+    from filterprune.measure import in_turns
+
+    times = iter([10.0, 5.0, 20.0, 20.0, 10.0, 40.0, 11.0, 5.5, 22.0])
+    models = {"baseline": nn.Identity(), "pruned": nn.Identity(), "slower": nn.Identity()}
+    lowest, speedups = in_turns(models, lambda m: [{"runtime": "eager", "batch": 1, "ms": next(times)}], rounds=3)
+    assert {k: v[0]["ms"] for k, v in lowest.items()} == {"baseline": 10.0, "pruned": 5.0, "slower": 20.0}
+    assert sorted(speedups) == ["pruned", "slower"]  # none for the first: it is the reference
+    assert speedups["pruned"] == [{"runtime": "eager", "batch": 1, "x": 2.0, "ratios": [2.0, 2.0, 2.0]}]
+    assert speedups["slower"][0]["x"] == 0.5
+
+
 class Frozen(nn.Module):
     """A training model with one BatchNorm frozen in eval mode by its user."""
 

@@ -159,6 +159,24 @@ def test_slowdowns_and_noise_in_every_claim(tmp_path):
     assert "- 1.0x faster at batch 64: reached no measurable change — **MISSED**" in md
 
 
+def test_speed_ups_timed_in_turns_are_the_median_of_each_rounds_ratio(tmp_path):
+    """Where the pruned network was timed in turns with the baseline ("speedup", measure.in_turns), its
+    speed-up is the median of the rounds' ratios (3.10x), not its lowest time against the baseline's
+    (4 -> 2 ms: 2.00x), in the table, the summary and the targets; rounds that disagree on the
+    direction are no measurable change."""
+    report = synthetic()
+    report["pruned"]["speedup"] = [{"runtime": "eager", "batch": 1, "x": 3.1, "ratios": [2.9, 3.1, 3.3]},
+                                   {"runtime": "eager", "batch": 64, "x": 1.05, "ratios": [0.97, 1.05, 1.2]}]
+    md = write_report(report, tmp_path)["markdown"].read_text()
+    assert "| latency, batch 1 (ms) | 4.00 | 4.10 | 2.00 | 3.10x faster |" in md
+    assert "| latency, batch 64 (ms) | 50.00 | 51.00 | 40.00 | no measurable change |" in md
+    assert "latency: 3.10x faster at batch 1 on cpu" in md
+    assert "- 3.0x faster at batch 1: reached 3.10x faster — **MET**" in md
+    assert "speed-ups: the median of each round's ratio to the baseline" in md
+    report["pruned"]["speedup"][0].update(x=2.95, ratios=[2.9, 2.95, 3.3])
+    assert "reached 2.95x faster — **MISSED**" in write_report(report, tmp_path)["markdown"].read_text()
+
+
 def test_on_a_gpu_the_headline_is_batch_64_and_batch_1_is_marked_launch_bound(tmp_path):
     report = synthetic()
     for name in ("baseline", "control", "pruned"):

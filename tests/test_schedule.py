@@ -652,6 +652,11 @@ def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_epoch():
     assert model.weight.item() == 2  # epoch 2's weights
     capped = fine_tune_to_plateau(model, lambda epoch: None, iter([0.1, 0.2, 0.3, 0.4]).__next__, max_epochs=3, patience=3)
     assert (capped["epochs"], capped["best_epoch"], capped["stopped"]) == (3, 3, "the cap of 3 epochs")
+    # Short of `enough` (a step not yet within the accuracy limit), a plateau does not stop it: the rate falls, and it recovers.
+    scores = iter([0.5, 0.6, 0.7, 0.65, 0.66, 0.69, 0.9, 0.8])
+    short = fine_tune_to_plateau(model, lambda epoch: model.weight.data.fill_(epoch), lambda: next(scores), max_epochs=7, patience=3,
+                                 enough=lambda best: best >= 0.8)
+    assert (short["epochs"], short["best_epoch"], short["stopped"]) == (7, 6, "the cap of 7 epochs") and model.weight.item() == 6
 
 
 def test_the_final_fine_tune_runs_cosine_cycles_while_they_beat_the_best_score():

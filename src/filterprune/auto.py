@@ -3,9 +3,10 @@
 Each step asks for a MACs reduction: the first plan.first_step, later ones what the unmet targets
 still need (estimated from how each target has fallen with MACs so far), never more than the last
 step that held. After each step the network is fine-tuned until the validation score stops
-improving (early stopping; the learning rate's cosine restarts at every step) and keeps its best
-epoch. A step that cannot recover to within max_accuracy_drop of the baseline is rolled back and
-retried at the square root of its size; once that falls below plan.min_step the plan ends. The
+improving (early stopping, once it is within the accuracy limit: short of it, the whole cosine;
+the learning rate's cosine restarts at every step) and keeps its best epoch. A step that cannot
+recover to within max_accuracy_drop of the baseline is rolled back and retried at the square root
+of its size; once that falls below plan.min_step the plan ends. The
 final fine-tune runs in cosine cycles, each twice as long as the last, until one no longer beats
 the best score (_final_fine_tune). The control (the unpruned network fine-tuned for the same
 number of epochs) tells what those epochs alone give. Before the first step, the recovery tools (normalisation, the head pruned or kept,
@@ -28,10 +29,10 @@ import torch
 from torch import nn
 
 from .distributed import Context
-from .measure import deployment_batch, keep_lowest, profile, speedups_in_turns
+from .measure import deployment_batch, in_turns, keep_lowest, profile
 from .recovery import Setting, choose, margin_for, switches
 from .schedule import (Schedule, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, check_reachable,
-                       decide, speedup, timed)
+                       decide, speedup, timed, within_drop)
 from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
 
 # Shares of a time budget, as the deadlines of each phase from the start (with, without the control):
@@ -162,8 +163,10 @@ def prune_auto(
             stopped = decide(aim, base, None, attempt, removed=0).reason
             break
         t1 = clock()
+        # A step still short of the accuracy limit at a plateau gets its whole cosine before it is judged.
+        recovered = lambda best: within_drop(base[aim.metric], best, aim.max_accuracy_drop)  # noqa: E731
         curve = fine_tune_to_plateau(model, fine_tuner(model, plan.max_epochs), lambda: score(model), plan.max_epochs, plan.patience,
-                                     deadline["steps"], clock)
+                                     deadline["steps"], clock, enough=recovered)
         t2 = clock()
         entry = {**_measure(model, example, evaluate_fn(model), aim, device), "iteration": attempt, "asked_macs": round(wanted, 4),
                  "removed": result.count, "removed_per_group": result.removed_per_group, "channels": result.channels,
@@ -309,13 +312,13 @@ def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: 
 def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule, device: str,
                    rounds: int = 5) -> None:
     """Time the unpruned `reference` and the pruned `model` in turns in eager PyTorch and aim.runtime:
-    entry["speedup"] is the median of the rounds' ratios (measure.speedups_in_turns), which the loop
-    judges the speed target by; `base` and `entry` keep each one's lowest time, for the tables."""
+    entry["speedup"] is the median of the rounds' ratios (measure.in_turns), which the loop judges the
+    speed target by; `base` and `entry` keep each one's lowest time, for the tables."""
     runtimes = tuple(dict.fromkeys(("eager", aim.runtime)))
-    lowest_base, lowest_step, entry["speedup"] = speedups_in_turns(
-        reference, model, lambda net: [timed(net, example, r, aim.latency_batch, device) for r in runtimes], rounds)
-    base["latency"] = keep_lowest(base["latency"], lowest_base)
-    entry["latency"] = keep_lowest(entry["latency"], lowest_step)
+    lowest, speedups = in_turns({"base": reference, "step": model},
+                                lambda net: [timed(net, example, r, aim.latency_batch, device) for r in runtimes], rounds)
+    base["latency"] = keep_lowest(base["latency"], lowest["base"])
+    entry["latency"], entry["speedup"] = keep_lowest(entry["latency"], lowest["step"]), speedups["step"]
 
 
 def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: float) -> float:

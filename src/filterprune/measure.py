@@ -131,38 +131,32 @@ def keep_lowest(records: list[dict], new: list[dict]) -> list[dict]:
     return list(kept.values())
 
 
-def in_turns(models: dict[str, nn.Module], time_one: Callable[[nn.Module], list[dict]], rounds: int = 3) -> dict[str, list[dict]]:
-    """Time every model with time_one(model) -> latency records, one after another, `rounds` times, and
-    keep each model's lowest median per runtime and batch (keep_lowest): side by side, all of them see
-    the same load, and the least disturbed timing of each is kept."""
+def in_turns(models: dict[str, nn.Module], time_one: Callable[[nn.Module], list[dict]],
+             rounds: int = 3) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Time every model with time_one(model) -> latency records, one after another, `rounds` times.
+
+    Returns each model's lowest median per runtime and batch (keep_lowest: side by side, all of them
+    see the same load, and the least disturbed timing of each is kept), and each model's speed-up
+    over the first, per runtime and batch: {"runtime", "batch", "x", "ratios"}, the median over
+    rounds of the first's ms / its ms within a round. Load on the machine slows the timings of a
+    round alike and cancels from their ratio; two lowest times, which can come from different
+    rounds, do not cancel it."""
     kept: dict[str, list[dict]] = {name: [] for name in models}
+    ratios: dict[str, dict[tuple[str, int], list[float]]] = {name: {} for name in list(models)[1:]}
+    first = next(iter(models))
     for _ in range(rounds):
-        for name, model in models.items():
-            kept[name] = keep_lowest(kept[name], time_one(model))
-    return kept
-
-
-def speedups_in_turns(before: nn.Module, after: nn.Module, time_one: Callable[[nn.Module], list[dict]],
-                      rounds: int = 5) -> tuple[list[dict], list[dict], list[dict]]:
-    """Time `before` and `after` one after the other, `rounds` times. Returns each one's lowest records
-    (keep_lowest) and, per runtime and batch, the speed-up {"runtime", "batch", "x", "ratios"}: the
-    median over rounds of before's ms / after's ms within a round. Load on the machine slows both
-    timings of a round alike and cancels from their ratio; the two lowest times, which can come from
-    different rounds, do not cancel it."""
-    lowest: dict[str, list[dict]] = {"before": [], "after": []}
-    ratios: dict[tuple[str, int], list[float]] = {}
-    for _ in range(rounds):
-        pair = {name: time_one(model) for name, model in (("before", before), ("after", after))}
-        for name, records in pair.items():
-            lowest[name] = keep_lowest(lowest[name], records)
-        after_ms = {(r["runtime"], r["batch"]): r["ms"] for r in pair["after"]}
-        for r in pair["before"]:
-            key = (r["runtime"], r["batch"])
-            if key in after_ms and after_ms[key] > 0:
-                ratios.setdefault(key, []).append(r["ms"] / after_ms[key])
-    speedups = [{"runtime": runtime, "batch": batch, "x": statistics.median(values), "ratios": [round(v, 4) for v in values]}
-                for (runtime, batch), values in ratios.items()]
-    return lowest["before"], lowest["after"], speedups
+        timed = {name: time_one(model) for name, model in models.items()}
+        for name, records in timed.items():
+            kept[name] = keep_lowest(kept[name], records)
+        reference = {(r["runtime"], r["batch"]): r["ms"] for r in timed[first]}
+        for name in ratios:
+            for r in timed[name]:
+                key = (r["runtime"], r["batch"])
+                if key in reference and r["ms"] > 0:
+                    ratios[name].setdefault(key, []).append(reference[key] / r["ms"])
+    speedups = {name: [{"runtime": runtime, "batch": batch, "x": statistics.median(values), "ratios": [round(v, 4) for v in values]}
+                       for (runtime, batch), values in by_key.items()] for name, by_key in ratios.items()}
+    return kept, speedups
 
 
 def speed_change(before_ms: float, after_ms: float, before_spread: float, after_spread: float) -> str:

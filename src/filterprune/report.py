@@ -69,8 +69,21 @@ def _get(summary: dict, key):
     return summary.get(key)
 
 
-def _speed(before: dict, after: dict, batch: int, runtime: str = "eager") -> str:
-    """speed_change of two summaries at `batch` in `runtime`, with their spreads; says so where a spread was not measured."""
+def _paired(after: dict, batch: int, runtime: str) -> dict | None:
+    """`after`'s speed-up over the baseline timed in turns with it (measure.in_turns), if it has one."""
+    return next((r for r in after.get("speedup", []) if (r["runtime"], r["batch"]) == (runtime, batch)), None)
+
+
+def speed_vs_baseline(before: dict, after: dict, batch: int, runtime: str = "eager") -> str:
+    """How much faster `after` is than the baseline `before` at `batch` in `runtime`: the median of the
+    ratios timed in turns with it where measured (a change only when every round agrees on its
+    direction), else speed_change of their latencies with their spreads (saying so where a spread was
+    not measured)."""
+    if paired := _paired(after, batch, runtime):
+        x, ratios = paired["x"], paired["ratios"]
+        if min(ratios) <= 1 <= max(ratios) or round(x, 2) == 1.0 or round(1 / x, 2) == 1.0:
+            return "no measurable change"
+        return f"{x:.2f}x faster" if x > 1 else f"{1 / x:.2f}x slower"
     b, a = latency(before, batch, runtime), latency(after, batch, runtime)
     if not b or not a or not b["ms"] or not a["ms"]:
         return "–"
@@ -130,7 +143,7 @@ def _rows(report: dict) -> list[tuple[str, str, str]]:
 
 def _cells(kind: str, key, before: dict, after: dict) -> str:
     if kind == "ms":
-        return _speed(before, after, key[1], key[0])
+        return speed_vs_baseline(before, after, key[1], key[0])
     return _change(kind, before.get(key), after.get(key))
 
 
@@ -151,8 +164,10 @@ def headline_table(report: dict) -> str:
         rows.append(row)
     device, batch = base.get("device", "?"), _headline_batch(base)
     how = f"milliseconds per batch, {base['timing']}," if base.get("timing") else "median milliseconds per batch"
-    note = (f"Latency: {how} on {device}, {base.get('dtype', '?')}, {base.get('threads', '?')} threads; "
-            "a change within the two timings' interquartile ranges reads \"no measurable change\"")
+    note = f"Latency: {how} on {device}, {base.get('dtype', '?')}, {base.get('threads', '?')} threads; "
+    note += ("speed-ups: the median of each round's ratio to the baseline, timed back to back (\"no measurable change\" "
+             "unless every round agrees)" if pruned.get("speedup") else
+             "a change within the two timings' interquartile ranges reads \"no measurable change\"")
     if batch is not None:
         note += f"; headline: batch {batch}" + _in(_headline_runtime(base), base)
     if versions := {(r["runtime"], r.get("version", "")) for r in base.get("latency", [])}:
@@ -170,10 +185,10 @@ def _summary(report: dict) -> str:
     its = report.get("iterations", [])
     rejected = sum(1 for it in its if it.get("rejected"))
     batch, runtime = _headline_batch(base), _headline_runtime(base)
-    speed = (f"{_speed(base, pruned, batch, runtime)} at batch {batch}" if batch is not None else "not timed") + \
+    speed = (f"{speed_vs_baseline(base, pruned, batch, runtime)} at batch {batch}" if batch is not None else "not timed") + \
         f" on {base.get('device', '?')}{_in(runtime, base)}"
     if batch is not None and runtime != "eager":
-        speed += f" (eager PyTorch: {_speed(base, pruned, batch)})"
+        speed += f" (eager PyTorch: {speed_vs_baseline(base, pruned, batch)})"
     text = f"On {' vs '.join(task['pair'])} ({task.get('train_images', '?')} training images), " if "pair" in task else ""
     text += (f"pruning removed {before - after} of {before} channels ({100 * (before - after) / max(before, 1):.0f}%) in "
              f"{len(its) - rejected} iterations" + (f" ({rejected} more rejected)" if rejected else "") +
@@ -209,8 +224,9 @@ def _targets(report: dict) -> list[str]:
         elif name in LATENCY_TARGETS and _get(base, key := (runtime := _headline_runtime(base), LATENCY_TARGETS[name])) \
                 and _get(pruned, key):
             # a speed-up counts only beyond the noise, and is worded by speed_change
-            said = _speed(base, pruned, key[1], runtime)
-            met = _get(base, key) / _get(pruned, key) >= goal and said.endswith("faster")
+            said = speed_vs_baseline(base, pruned, key[1], runtime)
+            reached = paired["x"] if (paired := _paired(pruned, key[1], runtime)) else _get(base, key) / _get(pruned, key)
+            met = reached >= goal and said.endswith("faster")
             lines.append(f"- {goal}x faster at batch {key[1]}{_in(runtime, base)}: reached {said} — **{'MET' if met else 'MISSED'}**")
         elif name in TARGETS and base.get(TARGETS[name][0]) and pruned.get(TARGETS[name][0]):
             key, words = TARGETS[name]
@@ -236,7 +252,7 @@ def _iteration_rows(report: dict) -> tuple[list[str], list[list]]:
               *(["verified by"] if checks else [])]
 
     def row(name, removed, summary, check=""):
-        times = [[_value("ms", _get(summary, (r, batch))), _speed(base, summary, batch, r) if batch and summary is not base else ""]
+        times = [[_value("ms", _get(summary, (r, batch))), speed_vs_baseline(base, summary, batch, r) if batch and summary is not base else ""]
                  for r in runtimes]
         return [name, removed, _value("acc", summary["accuracy"]), f"{base['macs'] / summary['macs']:.2f}x",
                 _value("mb", summary["size_mb"]), *sum(times, []), *([check] if checks else [])]
@@ -257,7 +273,7 @@ def _plan(report: dict) -> list[str]:
     header = ["step", "asked (of the model before)", "MACs (vs baseline)", f"speed b{batch}{_in(runtime, base)}", "size", "validation accuracy", "epochs (best)",
               "fine-tune stopped by", "outcome", "seconds (prune + fine-tune)"]
     rows = [[it["iteration"], f"{it['asked_macs']:.2f}x fewer MACs", f"{base['macs'] / it['macs']:.2f}x fewer",
-             _step_speed(base, it, batch, runtime), f"{base['size_mb'] / it['size_mb']:.1f}x smaller", _value("acc", it["accuracy"]),
+             speed_vs_baseline(base, it, batch, runtime), f"{base['size_mb'] / it['size_mb']:.1f}x smaller", _value("acc", it["accuracy"]),
              f"{it['epochs']} ({it['best_epoch']})", it["fine_tune_stopped"], it["why"],
              f"{it['seconds']['prune']:.0f} + {it['seconds']['fine_tune']:.0f}"] for it in its]
     final = plan["final_fine_tune"]
@@ -273,18 +289,6 @@ def _plan(report: dict) -> list[str]:
     seconds = plan["seconds"]
     lines.append("Time spent: " + ", ".join(f"{name.replace('_', ' ')} {value:.0f} s" for name, value in seconds.items()) + ".")
     return lines
-
-
-def _step_speed(base: dict, step: dict, batch: int, runtime: str) -> str:
-    """A planned step's speed-up as the loop judged it: the median of the ratios timed in turns beside
-    the baseline (measure.speedups_in_turns), a change only when every round agrees on its direction."""
-    paired = [r for r in step.get("speedup", []) if (r["runtime"], r["batch"]) == (runtime, batch)]
-    if not paired:
-        return _speed(base, step, batch, runtime)
-    x, ratios = paired[0]["x"], paired[0]["ratios"]
-    if min(ratios) <= 1 <= max(ratios) or round(x, 2) == 1.0 or round(1 / x, 2) == 1.0:
-        return "no measurable change"
-    return (f"{x:.2f}x faster" if x > 1 else f"{1 / x:.2f}x slower") + f" (median of {len(ratios)} turns)"
 
 
 def _recovery(recovery: dict) -> list[str]:

@@ -375,7 +375,7 @@ def _latency(entry: dict, batch: int, runtime: str) -> float:
 
 def speedup(base: dict, entry: dict, batch: int, runtime: str) -> float:
     """entry's measured speed-up over base in `runtime` at `batch`: the one timed in turns beside the
-    baseline (entry["speedup"], measure.speedups_in_turns) where there is one, else the ratio of their
+    baseline (entry["speedup"], measure.in_turns) where there is one, else the ratio of their
     latencies."""
     for record in entry.get("speedup", []):
         if (record["runtime"], record["batch"]) == (runtime, batch):

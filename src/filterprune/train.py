@@ -117,13 +117,16 @@ def fine_tune(model: nn.Module, loader: Iterable, epochs: int, lr: float = 1e-3,
 
 def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], score_fn: Callable[[], float], max_epochs: int,
                          patience: int, deadline: float | None = None, clock: Callable[[], float] = time.perf_counter,
-                         first_score: float | None = None) -> dict:
+                         first_score: float | None = None, enough: Callable[[float], bool] | None = None) -> dict:
     """Early stopping: run epoch_fn(epoch) (one epoch of training, epochs counted from 1) at most
     max_epochs times, scoring the model with score_fn() (higher is better) before the first and
     after each; stop once `patience` epochs in a row did not beat the best score, or when clock()
     reaches `deadline`. The model is left with its best epoch's weights and buffers (epoch 0: as it
     came, if no epoch beat that). first_score: the model's score as it comes, where the caller has
-    it (not scored again). Returns {"scores": [epoch 0, 1, ...], "best_epoch", "epochs", "stopped"}."""
+    it (not scored again). enough(best score): where given, a plateau stops the fine-tune only once
+    that holds, so that one short of it gets all max_epochs (a restarted learning rate is still high
+    when the first plateau shows). Returns {"scores": [epoch 0, 1, ...], "best_epoch", "epochs",
+    "stopped"}."""
     scores = [score_fn() if first_score is None else first_score]
     best, best_state, stopped = 0, _copy_state(model), f"the cap of {max_epochs} epochs"
     for epoch in range(1, max_epochs + 1):
@@ -134,7 +137,7 @@ def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], sc
         scores.append(score_fn())
         if scores[-1] > scores[best]:
             best, best_state = epoch, _copy_state(model)
-        elif epoch - best >= patience:
+        elif epoch - best >= patience and (enough is None or enough(scores[best])):
             stopped = f"a plateau ({patience} epochs without a better score)"
             break
     model.load_state_dict(best_state)

@@ -189,12 +189,14 @@ def _accuracies(model: nn.Module, loaders: dict, progress: bool) -> dict:
 def costs_in_turns(models: dict[str, nn.Module], example: torch.Tensor, rounds: int = 3,
                    threads: int | None = None) -> dict[str, dict]:
     """Size, MACs and latency at batch 1 and 64 of each model, timed in turns (measure.in_turns):
-    each keeps its lowest of `rounds` medians. threads: torch threads while timing (default: all)."""
-    latency = in_turns(models, lambda m: profile(m, example, batch_sizes=(1, 64), threads=threads, min_run_time=1.0).records(),
-                       rounds)
+    each keeps its lowest of `rounds` medians, and every model after the first its speed-up over the
+    first ("speedup"). threads: torch threads while timing (default: all)."""
+    latency, speedups = in_turns(models, lambda m: profile(m, example, batch_sizes=(1, 64), threads=threads,
+                                                           min_run_time=1.0).records(), rounds)
     kept = ("size_mb", "params", "macs", "threads", "device", "dtype")
     return {name: {**{k: v for k, v in profile(model, example, threads=threads, latency=False).as_dict().items() if k in kept},
-                   "latency": latency[name], "timing": f"the lowest of {rounds} medians (the models timed in turns)"}
+                   "latency": latency[name], **({"speedup": speedups[name]} if name in speedups else {}),
+                   "timing": f"the lowest of {rounds} medians (the models timed in turns)"}
             for name, model in models.items()}
 
 

@@ -6,13 +6,14 @@ step that held. After each step the network is fine-tuned until the validation s
 improving (early stopping, once it is within the accuracy limit: short of it, the whole cosine;
 the learning rate's cosine restarts at every step) and keeps its best epoch. A step that cannot
 recover to within max_accuracy_drop of the baseline is rolled back and retried at the square root
-of its size; once that falls below plan.min_step the plan ends. The
-final fine-tune runs in cosine cycles, each twice as long as the last, until one no longer beats
-the best score (_final_fine_tune). The control (the unpruned network fine-tuned for the same
-number of epochs) tells what those epochs alone give. Before the first step, the recovery tools (normalisation, the head pruned or kept,
-distillation) are chosen on validation by short trials of that step (recovery.py). A time budget
-is shared out between those trials, the steps, the final fine-tune and the control, and whatever
-it cut is listed in log["gave_up"].
+of its size; once that falls below plan.min_step the plan ends. The final fine-tune runs in cosine
+cycles, each twice as long as the last, until one no longer beats the best score
+(_final_fine_tune). The control (the unpruned network fine-tuned for the same number of epochs)
+tells what those epochs alone give. Before the first step, the recovery tools (normalisation, the
+head pruned or kept, distillation) are chosen on validation by short trials of that step
+(recovery.py). A time budget is shared out between those trials, the steps, the final fine-tune
+and the control, and whatever it cut is listed in log["gave_up"]. Speed is judged by each step's
+speed-up timed in turns beside the unpruned network (_time_in_turns).
 
 Stopping is schedule.decide's, with every target required (not the first one met).
 """

@@ -159,6 +159,12 @@ def in_turns(models: dict[str, nn.Module], time_one: Callable[[nn.Module], list[
     return kept, speedups
 
 
+def paired_speedup(summary: dict, batch: int, runtime: str) -> dict | None:
+    """`summary`'s speed-up record over the first model it was timed in turns with (in_turns), at
+    `batch` in `runtime`, if it has one."""
+    return next((r for r in summary.get("speedup", []) if (r["runtime"], r["batch"]) == (runtime, batch)), None)
+
+
 def speed_change(before_ms: float, after_ms: float, before_spread: float, after_spread: float) -> str:
     """'2.10x faster', '1.25x slower', or 'no measurable change'.
 

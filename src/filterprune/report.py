@@ -26,7 +26,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global figures, no display needed
 
-from .measure import GPU_BATCH, latency, latency_batches, launch_note, measured_runtimes, speed_change
+from .measure import GPU_BATCH, latency, latency_batches, launch_note, measured_runtimes, paired_speedup, speed_change
 from .schedule import accuracy_drop, within_drop
 from .utils import atomic_path, atomic_write
 
@@ -69,17 +69,12 @@ def _get(summary: dict, key):
     return summary.get(key)
 
 
-def _paired(after: dict, batch: int, runtime: str) -> dict | None:
-    """`after`'s speed-up over the baseline timed in turns with it (measure.in_turns), if it has one."""
-    return next((r for r in after.get("speedup", []) if (r["runtime"], r["batch"]) == (runtime, batch)), None)
-
-
 def speed_vs_baseline(before: dict, after: dict, batch: int, runtime: str = "eager") -> str:
     """How much faster `after` is than the baseline `before` at `batch` in `runtime`: the median of the
     ratios timed in turns with it where measured (a change only when every round agrees on its
     direction), else speed_change of their latencies with their spreads (saying so where a spread was
     not measured)."""
-    if paired := _paired(after, batch, runtime):
+    if paired := paired_speedup(after, batch, runtime):
         x, ratios = paired["x"], paired["ratios"]
         if min(ratios) <= 1 <= max(ratios) or round(x, 2) == 1.0 or round(1 / x, 2) == 1.0:
             return "no measurable change"
@@ -225,7 +220,7 @@ def _targets(report: dict) -> list[str]:
                 and _get(pruned, key):
             # a speed-up counts only beyond the noise, and is worded by speed_change
             said = speed_vs_baseline(base, pruned, key[1], runtime)
-            reached = paired["x"] if (paired := _paired(pruned, key[1], runtime)) else _get(base, key) / _get(pruned, key)
+            reached = paired["x"] if (paired := paired_speedup(pruned, key[1], runtime)) else _get(base, key) / _get(pruned, key)
             met = reached >= goal and said.endswith("faster")
             lines.append(f"- {goal}x faster at batch {key[1]}{_in(runtime, base)}: reached {said} — **{'MET' if met else 'MISSED'}**")
         elif name in TARGETS and base.get(TARGETS[name][0]) and pruned.get(TARGETS[name][0]):

@@ -21,7 +21,7 @@ from torch import nn
 from . import checkpoint
 from .criteria import CRITERIA
 from .distributed import Context
-from .measure import deployment_batch, latency, profile, speed_change
+from .measure import deployment_batch, latency, paired_speedup, profile, speed_change
 from .pruner import NORMALIZE, Pruner
 from .runtimes import RUNTIMES
 from .runtimes import get as get_runtime
@@ -377,9 +377,8 @@ def speedup(base: dict, entry: dict, batch: int, runtime: str) -> float:
     """entry's measured speed-up over base in `runtime` at `batch`: the one timed in turns beside the
     baseline (entry["speedup"], measure.in_turns) where there is one, else the ratio of their
     latencies."""
-    for record in entry.get("speedup", []):
-        if (record["runtime"], record["batch"]) == (runtime, batch):
-            return record["x"]
+    if paired := paired_speedup(entry, batch, runtime):
+        return paired["x"]
     return _latency(base, batch, runtime) / _latency(entry, batch, runtime)
 
 

@@ -165,6 +165,15 @@ def paired_speedup(summary: dict, batch: int, runtime: str) -> dict | None:
     return next((r for r in summary.get("speedup", []) if (r["runtime"], r["batch"]) == (runtime, batch)), None)
 
 
+def paired_change(record: dict) -> str:
+    """A paired_speedup record in words, as speed_change words two timings: '3.10x faster', '1.25x
+    slower', or 'no measurable change' when the rounds disagree on the direction."""
+    x, ratios = record["x"], record["ratios"]
+    if min(ratios) <= 1 <= max(ratios) or round(x, 2) == 1.0 or round(1 / x, 2) == 1.0:
+        return "no measurable change"
+    return f"{x:.2f}x faster" if x > 1 else f"{1 / x:.2f}x slower"
+
+
 def speed_change(before_ms: float, after_ms: float, before_spread: float, after_spread: float) -> str:
     """'2.10x faster', '1.25x slower', or 'no measurable change'.
 

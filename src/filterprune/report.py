@@ -26,7 +26,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global figures, no display needed
 
-from .measure import GPU_BATCH, latency, latency_batches, launch_note, measured_runtimes, paired_speedup, speed_change
+from .measure import GPU_BATCH, latency, latency_batches, launch_note, measured_runtimes, paired_change, paired_speedup, speed_change
 from .schedule import accuracy_drop, within_drop
 from .utils import atomic_path, atomic_write
 
@@ -75,10 +75,7 @@ def speed_vs_baseline(before: dict, after: dict, batch: int, runtime: str = "eag
     direction), else speed_change of their latencies with their spreads (saying so where a spread was
     not measured)."""
     if paired := paired_speedup(after, batch, runtime):
-        x, ratios = paired["x"], paired["ratios"]
-        if min(ratios) <= 1 <= max(ratios) or round(x, 2) == 1.0 or round(1 / x, 2) == 1.0:
-            return "no measurable change"
-        return f"{x:.2f}x faster" if x > 1 else f"{1 / x:.2f}x slower"
+        return paired_change(paired)
     b, a = latency(before, batch, runtime), latency(after, batch, runtime)
     if not b or not a or not b["ms"] or not a["ms"]:
         return "–"

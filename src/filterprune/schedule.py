@@ -21,7 +21,7 @@ from torch import nn
 from . import checkpoint
 from .criteria import CRITERIA
 from .distributed import Context
-from .measure import deployment_batch, latency, paired_speedup, profile, speed_change
+from .measure import deployment_batch, latency, paired_change, paired_speedup, profile, speed_change
 from .pruner import NORMALIZE, Pruner
 from .runtimes import RUNTIMES
 from .runtimes import get as get_runtime
@@ -401,7 +401,8 @@ def target_reached(schedule: Schedule, base: dict, last: dict, every: bool = Fal
 def _line(entry: dict, base: dict, schedule: Schedule) -> str:
     metric, batch = schedule.metric, schedule.latency_batch
     before, after = latency(base, batch, schedule.runtime), latency(entry, batch, schedule.runtime)
-    speed = speed_change(before["ms"], after["ms"], before["iqr_ms"], after["iqr_ms"])
+    paired = paired_speedup(entry, batch, schedule.runtime)  # timed in turns with the baseline (auto.py)
+    speed = paired_change(paired) + " in turns" if paired else speed_change(before["ms"], after["ms"], before["iqr_ms"], after["iqr_ms"])
     return (f"iteration {entry['iteration']}: removed {entry['removed']}, {metric} {100 * entry[metric]:.2f}% "
             f"(baseline {100 * base[metric]:.2f}%), MACs {base['macs'] / entry['macs']:.2f}x fewer, "
             f"size {entry['size_mb']:.1f} MB, latency b{batch} {schedule.runtime} {after['ms']:.2f} ms ({speed})")

@@ -657,8 +657,11 @@ def test_planned_prune_chooses_on_validation_images_only(folders, trained, tmp_p
     assert report["baseline"]["macs"] / report["pruned"]["macs"] >= 1.3 and "MACs reduction" in report["stopped"]
     assert report["control"]["extra_epochs"] == sum(it["epochs"] for it in report["iterations"] if not it.get("rejected")) + 1
     assert all("curve" in it and "why" in it for it in report["iterations"])
+    # The pruned network and the control are timed in turns with the unpruned one, as every step is.
+    assert [r["batch"] for r in report["pruned"]["speedup"]] == [r["batch"] for r in report["control"]["speedup"]] == [1]
     md = (out / "report.md").read_text()
     assert "## Plan" in md and (out / "validation_curves.png").is_file()
+    assert "speed-ups: the median of each round's ratio to the baseline" in md
     # The recovery tools were chosen by trials of the first step; the head, --ignore'd by the user, is never pruned.
     recovery = report["plan"]["recovery"]
     assert [t["tool"] for t in recovery["trials"]] == ["defaults", "normalize", "distill"]

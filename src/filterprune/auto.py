@@ -211,11 +211,12 @@ def prune_auto(
     epochs += final["epochs"]
     log["final_fine_tune"] = final
     log["final"] = _measure(model, example, evaluate_fn(model), aim, device)
+    _time_in_turns(base, log["final"], reference, model, example, aim, device)  # the report's speed-up, judged as the steps'
     log_fn(f"final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}, stopped by {final['stopped']}), "
            f"{aim.metric} {100 * log['final'][aim.metric]:.2f}%")
 
-    control = _control(unpruned, log, epochs, plan, deadline["control"], aim, example, evaluate_fn, score, train_loader, loss_fn,
-                       device, progress, clock) if unpruned is not None else None
+    control = _control(unpruned, reference, log, epochs, plan, deadline["control"], aim, example, evaluate_fn, score, train_loader,
+                       loss_fn, device, progress, clock) if unpruned is not None else None
     if control is not None:
         log_fn(f"control (unpruned, {epochs} epochs, best {log['control']['best_epoch']}): {aim.metric} "
                f"{100 * log['control'][aim.metric]:.2f}%")
@@ -288,10 +289,12 @@ def _final_fine_tune(model: nn.Module, fine_tuner, score, plan: Plan, deadline: 
     return {"scores": scores, "best_epoch": best, "epochs": epochs, "stopped": stopped}
 
 
-def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: float | None, aim: Schedule, example, evaluate_fn,
-             score, train_loader, loss_fn, device: str, progress: bool, clock) -> nn.Module | None:
+def _control(unpruned: nn.Module, reference: nn.Module, log: dict, epochs: int, plan: Plan, deadline: float | None,
+             aim: Schedule, example, evaluate_fn, score, train_loader, loss_fn, device: str, progress: bool,
+             clock) -> nn.Module | None:
     """The unpruned network fine-tuned for the `epochs` the pruned one kept (its best epoch kept alike),
-    if the budget leaves time for it: the estimate is the first step's seconds per epoch, scaled by MACs."""
+    if the budget leaves time for it: the estimate is the first step's seconds per epoch, scaled by MACs.
+    Timed in turns with the unpruned `reference`, as the steps are."""
     kept = [it for it in log["iterations"] if not it.get("rejected")]
     if deadline is not None and kept:
         first = kept[0]
@@ -306,6 +309,7 @@ def _control(unpruned: nn.Module, log: dict, epochs: int, plan: Plan, deadline: 
     curve = fine_tune_to_plateau(unpruned, train, lambda: score(unpruned), epochs, epochs + 1)
     log["control"] = {**_measure(unpruned, example, evaluate_fn(unpruned), aim, device), "extra_epochs": epochs,
                       "best_epoch": curve["best_epoch"], "curve": curve["scores"]}
+    _time_in_turns(log["baseline"], log["control"], reference, unpruned, example, aim, device)
     log["seconds"]["control"] = clock() - t
     return unpruned
 

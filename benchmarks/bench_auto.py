@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from filterprune.measure import latency
+from filterprune.schedule import speedup
 
 HERE = Path(__file__).parent
 TASKS = {
@@ -112,7 +112,7 @@ def torch_pruning_run(name: str, seed: int, out: Path) -> dict:
 def row(name: str, seed: int, report: dict) -> dict:
     base, pruned, control = report["baseline"], report["pruned"], report.get("control")
     timed = base["latency"][0]  # the loop's first timing: eager PyTorch at its batch (1 on the CPU)
-    speed = timed["ms"] / latency(pruned, timed["batch"], timed["runtime"])["ms"]
+    speed = speedup(base, pruned, timed["batch"], timed["runtime"])  # paired, timed in turns at the end of the run
     its = report["iterations"]
     return {"task": name, "seed": seed, "baseline": 100 * base["accuracy"], "control": control and 100 * control["accuracy"],
             "pruned": 100 * pruned["accuracy"], "vs control": control and 100 * (pruned["accuracy"] - control["accuracy"]),

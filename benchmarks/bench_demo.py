@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from filterprune.recipes.demo import TARGETS, DemoConfig, run_demo
 from filterprune.report import speed_vs_baseline
 from filterprune.schedule import speedup
-from filterprune.recipes.demo import TARGETS, DemoConfig, run_demo
 
 
 def overridden(item: str) -> tuple[str, object]:

@@ -7,8 +7,9 @@ models are timed as the demo times them (recipes.demo.costs_in_turns: in turns, 
 keeping its lowest median with that timing's IQR), at each thread count, on inputs of the run's
 image size (its report.json). Each speed-up is given twice: the median of the rounds' paired
 ratios (report.speed_vs_baseline, as the loop and the report judge it) and the ratio of the two
-lowest times through speed_change (inside the spreads: no measurable change). On a 2-core machine a 2-thread timing shares both cores with everything
-else that runs; a 1-thread one leaves a core free.
+lowest times through speed_change (inside the spreads: no measurable change). On a 2-core machine
+a 2-thread timing shares both cores with everything else that runs; a 1-thread one leaves a core
+free.
 """
 
 from __future__ import annotations

@@ -169,9 +169,9 @@ def prune_auto(
         curve = fine_tune_to_plateau(model, fine_tuner(model, plan.max_epochs), lambda: score(model), plan.max_epochs, plan.patience,
                                      deadline["steps"], clock, enough=recovered)
         t2 = clock()
-        entry = {**_measure(model, example, evaluate_fn(model), aim, device), "iteration": attempt, "asked_macs": round(wanted, 4),
-                 "removed": result.count, "removed_per_group": result.removed_per_group, "channels": result.channels,
-                 "check": result.check, "curve": curve["scores"], "best_epoch": curve["best_epoch"], "epochs": curve["epochs"],
+        entry = {**_measure(model, example, evaluate_fn(model), aim, device, timing=False),  # timed in turns below
+                 "iteration": attempt, "asked_macs": round(wanted, 4), "removed": result.count,
+                 "removed_per_group": result.removed_per_group, "channels": result.channels, "check": result.check, "curve": curve["scores"], "best_epoch": curve["best_epoch"], "epochs": curve["epochs"],
                  "fine_tune_stopped": curve["stopped"], "seconds": {"prune": round(t1 - t0, 1), "fine_tune": round(t2 - t1, 1)}}
         _time_in_turns(base, entry, reference, model, example, aim, device)
         log["iterations"].append(entry)
@@ -210,7 +210,7 @@ def prune_auto(
         log["gave_up"].append(f"final fine-tuning: stopped by the budget after {final['epochs']} of at most {plan.final_max_epochs} epochs")
     epochs += final["epochs"]
     log["final_fine_tune"] = final
-    log["final"] = _measure(model, example, evaluate_fn(model), aim, device)
+    log["final"] = _measure(model, example, evaluate_fn(model), aim, device, timing=False)
     _time_in_turns(base, log["final"], reference, model, example, aim, device)  # the report's speed-up, judged as the steps'
     log_fn(f"final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}, stopped by {final['stopped']}), "
            f"{aim.metric} {100 * log['final'][aim.metric]:.2f}%")
@@ -307,7 +307,7 @@ def _control(unpruned: nn.Module, reference: nn.Module, log: dict, epochs: int, 
     _seed(aim, 20_000, (train_loader,))
     train = _trainer(aim, train_loader, loss_fn, None, device, progress)(unpruned, epochs)
     curve = fine_tune_to_plateau(unpruned, train, lambda: score(unpruned), epochs, epochs + 1)
-    log["control"] = {**_measure(unpruned, example, evaluate_fn(unpruned), aim, device), "extra_epochs": epochs,
+    log["control"] = {**_measure(unpruned, example, evaluate_fn(unpruned), aim, device, timing=False), "extra_epochs": epochs,
                       "best_epoch": curve["best_epoch"], "curve": curve["scores"]}
     _time_in_turns(log["baseline"], log["control"], reference, unpruned, example, aim, device)
     log["seconds"]["control"] = clock() - t

@@ -256,13 +256,16 @@ def _prune_step(pruner: Pruner, schedule: Schedule, loader, loss_fn, ctx: Contex
     return pruner.prune(**target)
 
 
-def _measure(model: nn.Module, example, evaluation: dict, schedule: Schedule, device: str) -> dict:
+def _measure(model: nn.Module, example, evaluation: dict, schedule: Schedule, device: str, timing: bool = True) -> dict:
+    """An entry of the log: the evaluation, size, MACs, and one latency record per runtime (none with
+    timing=False, for a caller that times the model in turns itself)."""
     if schedule.metric not in evaluation:
         raise ValueError(f"the evaluation gave {sorted(evaluation)}, not {schedule.metric!r}: return it from evaluate_fn, "
                          "or set Schedule(metric=...) to one of these")
     prof = profile(model, example, latency=False, device=device).as_dict()
     # Eager PyTorch beside the runtime the model ships on, so that the report can show both.
-    records = [timed(model, example, name, schedule.latency_batch, device) for name in dict.fromkeys(("eager", schedule.runtime))]
+    records = [timed(model, example, name, schedule.latency_batch, device)
+               for name in dict.fromkeys(("eager", schedule.runtime))] if timing else []
     kept = ("params", "size_mb", "macs", "device", "dtype", "threads")
     return {**evaluation, **{k: prof[k] for k in kept}, "latency": records}
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -696,10 +697,11 @@ def test_the_final_fine_tune_runs_cosine_cycles_while_they_beat_the_best_score()
         assert lengths == [2, 3] and (final["epochs"], final["best_epoch"], final["stopped"]) == (5, 5, "the cap of 5 epochs")
 
 
-def planned(schedule: Schedule, plan, evaluate_fn, trainer=None, clock=None):
+def planned(schedule: Schedule, plan, evaluate_fn, trainer=None, clock=None, model=None):
     from filterprune.auto import prune_auto
 
-    model, data = tiny()
+    tiny_model, data = tiny()
+    model = model or tiny_model
     loader = torch.utils.data.DataLoader(data, batch_size=6)
     return prune_auto(model, data.tensors[0][:1], loader, loader, schedule, plan, evaluate_fn=evaluate_fn,
                       trainer=trainer or (lambda m, epochs: lambda epoch: None), progress=False, log_fn=lambda line: None,
@@ -721,7 +723,7 @@ def test_a_step_that_cannot_recover_is_rolled_back_and_retried_smaller(latency_f
     model, log, control = planned(Schedule(criterion="l1", target_macs=3.0, max_accuracy_drop=10), Plan(first_step=4.0, max_epochs=2),
                                   accuracy)
     steps = log["iterations"]
-    assert steps[0]["asked_macs"] == 3.0 and steps[0]["rejected"] and "rolled back: lost 50.00 points (limit 10)" in steps[0]["why"]
+    assert steps[0]["asked_macs"] == 3.0 and steps[0]["rejected"] and "rolled back: 50.00 points below the control (limit 10)" in steps[0]["why"]
     assert steps[1]["asked_macs"] == pytest.approx(3 ** 0.5, abs=1e-3) and steps[1]["why"] == "kept"
     for step, following in zip(steps, steps[1:]):
         if step.get("rejected"):
@@ -757,11 +759,66 @@ def test_the_time_budget_is_respected_and_what_it_cut_is_said(latency_from_macs)
     _, log, control = planned(Schedule(criterion="l1", target_macs=3.0), Plan(first_step=1.2, max_epochs=100, final_max_epochs=100,
                                                                               budget_s=300), lambda m: {"accuracy": now[0] / 1e4},
                               trainer=trainer, clock=lambda: now[0])
-    assert now[0] <= 300 + 10  # an epoch begun before a deadline may end after it
+    assert now[0] <= 300 + 20  # an epoch begun before a deadline may end after it (the pruned network's and the control's)
     assert any(s.startswith("more pruning") for s in log["gave_up"])
     assert any(s.startswith("final fine-tuning: stopped by the budget") for s in log["gave_up"])
-    assert control is None and any(s.startswith("the control") for s in log["gave_up"])
-    assert log["seconds"]["fine_tune"] + log["seconds"]["final"] <= 300
+    # The control trains alongside, inside the same budget, for as many epochs as the pruned network kept.
+    kept = sum(s["epochs"] for s in log["iterations"] if not s.get("rejected")) + log["final_fine_tune"]["epochs"]
+    assert control is not None and log["control"]["extra_epochs"] == kept > 0
+    assert log["seconds"]["fine_tune"] + log["seconds"]["final"] + log["seconds"]["control"] <= 300 + 20
+    assert log["seconds"]["control"] == pytest.approx(10.0 * kept, abs=1e-6)  # its epochs, counted apart from the pruned one's
+
+
+def test_each_step_is_judged_against_the_control_fine_tuned_alongside(latency_from_macs):
+    """An unconverged baseline: the stubbed training lifts the unpruned network 2 points an epoch (to
+    at most 10 above its start), while any pruned network stays at the baseline's 50%. Against the
+    baseline every step is within the 1-point limit; against the control, which gained 4 points in a
+    step's 2 epochs, none is, and each rolled-back step takes the control's epochs back with it."""
+    from filterprune.auto import Plan
+
+    def with_counter():
+        model = tiny()[0]
+        model.register_buffer("trained", torch.zeros(()))  # epochs of training, in the state: restored with the weights
+        return model
+
+    def trainer(model, epochs):
+        def epoch(i):
+            model.trained += 1
+        return epoch
+
+    base_macs = macs_of(tiny()[0])
+    accuracy = lambda m: {"accuracy": 0.5 + (0.02 * min(m.trained.item(), 5) if macs_of(m) == base_macs else 0.0)}  # noqa: E731
+    schedule, plan = Schedule(criterion="l1", target_macs=3.0, max_accuracy_drop=1), Plan(first_step=1.5, min_step=1.2, max_epochs=2,
+                                                                                        choose_recovery=False)
+    _, log, control = planned(schedule, plan, accuracy, trainer=trainer, model=with_counter())
+    steps = log["iterations"]
+    assert steps and all(s["rejected"] and s["against"] == pytest.approx(0.54) for s in steps)
+    assert all("points below the control" in s["why"] for s in steps) and "below the control" in log["stopped"]
+    assert log["control"]["extra_epochs"] == log["final_fine_tune"]["epochs"]  # the rolled-back steps' epochs taken back
+    assert control.trained.item() == log["control"]["best_epoch"] and log["control"]["accuracy"] > 0.5
+    _, log, _ = planned(schedule, replace(plan, control=False), accuracy, trainer=trainer, model=with_counter())
+    assert not log["iterations"][0].get("rejected") and log["iterations"][0]["against"] == 0.5
+
+
+def test_a_met_speed_target_is_timed_again_before_the_plan_stops(latency_from_macs, monkeypatch):
+    """The first timing of a step reads its speed-up as its MACs reduction; timed again (confirm_rounds)
+    it reads 20% lower: a step that passes the 2x aim on its first timing but not on the second does
+    not end the plan, and the plan ends on one whose second timing passes."""
+    from filterprune import auto
+    from filterprune.auto import Plan
+
+    def in_turns(base, entry, reference, model, example, aim, device, rounds=5):
+        x = macs_of(reference) / macs_of(model) * (0.8 if rounds == 10 else 1.0)
+        entry["latency"] = [{"runtime": "eager", "batch": 1, "ms": 1 / x, "iqr_ms": 0.0}]
+        entry["speedup"] = [{"runtime": "eager", "batch": 1, "x": x, "ratios": [x]}]
+
+    monkeypatch.setattr(auto, "_time_in_turns", in_turns)
+    _, log, _ = planned(Schedule(criterion="l1", target_speedup=2.0), Plan(first_step=1.5, speed_margin=1.0, control=False,
+                                                                         choose_recovery=False, confirm_rounds=10), lambda m: {"accuracy": 1.0})
+    confirmed = [s for s in log["iterations"] if "first_speedup" in s]
+    assert len(confirmed) >= 2 and confirmed[0]["first_speedup"][0]["x"] >= 2.0 > confirmed[0]["speedup"][0]["x"]
+    assert confirmed[-1] is log["iterations"][-1] and confirmed[-1]["speedup"][0]["x"] >= 2.0
+    assert "measured speed-up" in log["stopped"]
 
 
 def test_prune_auto_needs_a_target():

@@ -262,17 +262,20 @@ def _plan(report: dict) -> list[str]:
     base, its = loop.get("baseline", report["baseline"]), report.get("iterations", [])
     batch = (_batches(*its) or _batches(base) or [None])[0]  # the batch the loop timed
     runtime = _headline_runtime(base)
-    header = ["step", "asked (of the model before)", "MACs (vs baseline)", f"speed b{batch}{_in(runtime, base)}", "size", "validation accuracy", "epochs (best)",
-              "fine-tune stopped by", "outcome", "seconds (prune + fine-tune)"]
+    # With a control, each step is judged against its validation accuracy as it stood then (auto.py).
+    judge = "the control's (the unpruned network fine-tuned alongside)" if plan.get("plan", {}).get("control") else "the baseline's"
+    header = ["step", "asked (of the model before)", "MACs (vs baseline)", f"speed b{batch}{_in(runtime, base)}", "size", "validation accuracy",
+              "judged against", "epochs (best)", "fine-tune stopped by", "outcome", "seconds (prune + fine-tune)"]
     rows = [[it["iteration"], f"{it['asked_macs']:.2f}x fewer MACs", f"{base['macs'] / it['macs']:.2f}x fewer",
              speed_vs_baseline(base, it, batch, runtime), f"{base['size_mb'] / it['size_mb']:.1f}x smaller", _value("acc", it["accuracy"]),
-             f"{it['epochs']} ({it['best_epoch']})", it["fine_tune_stopped"], it["why"],
+             _value("acc", it.get("against", base["accuracy"])), f"{it['epochs']} ({it['best_epoch']})", it["fine_tune_stopped"], it["why"],
              f"{it['seconds']['prune']:.0f} + {it['seconds']['fine_tune']:.0f}"] for it in its]
     final = plan["final_fine_tune"]
     lines = [f"The loop planned its steps from the targets (each step asks for what the targets still need, at most the last "
-             f"step that held; a step that loses too much is rolled back and retried at the square root of its size) and "
-             f"fine-tuned after each until the validation accuracy stopped improving, keeping the best epoch. "
-             f"Final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}), stopped by {final['stopped']}.",
+             f"step that held; a step that ends more than the accuracy limit below {judge} validation accuracy is rolled back "
+             f"and retried at the square root of its size) and fine-tuned after each until the validation accuracy stopped "
+             f"improving, keeping the best epoch. Final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}), "
+             f"stopped by {final['stopped']}.",
              _table(header, rows)]
     if recovery := plan.get("recovery"):
         lines += _recovery(recovery)

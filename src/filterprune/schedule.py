@@ -291,14 +291,16 @@ def within_drop(before: float, after: float, limit: float | None) -> bool:
 
 
 def decide(schedule: Schedule, base: dict, last: dict | None, iteration: int, removed: int | None = None,
-           every: bool = False) -> Verdict:
+           every: bool = False, against: float | None = None) -> Verdict:
     """The one place that decides when pruning stops: `last` is the newest step's measurements (None
     before the first), `removed` how many units that step could remove. In order: nothing left to
-    remove; more lost than schedule.max_accuracy_drop (roll that step back); a target reached (with
-    `every`, all of those set: auto.prune_auto's reading); max_iterations done."""
+    remove; more lost than schedule.max_accuracy_drop (roll that step back) from `against` (default:
+    the baseline's score; auto.prune_auto's: the control's); a target reached (with `every`, all of
+    those set: prune_auto's reading); max_iterations done."""
     if removed == 0:
         return Verdict(True, "nothing left to remove within the per-layer minimums", False)
-    if last is not None and not within_drop(base[schedule.metric], last[schedule.metric], schedule.max_accuracy_drop):
+    bar = base[schedule.metric] if against is None else against
+    if last is not None and not within_drop(bar, last[schedule.metric], schedule.max_accuracy_drop):
         return Verdict(True, f"iteration {iteration} lost more than {schedule.max_accuracy_drop} points; kept iteration {iteration - 1}",
                        True)
     if last is not None and (reached := target_reached(schedule, base, last, every)):

@@ -128,7 +128,7 @@ def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], sc
     when the first plateau shows). Returns {"scores": [epoch 0, 1, ...], "best_epoch", "epochs",
     "stopped"}."""
     scores = [score_fn() if first_score is None else first_score]
-    best, best_state, stopped = 0, _copy_state(model), f"the cap of {max_epochs} epochs"
+    best, best_state, stopped = 0, copy_state(model), f"the cap of {max_epochs} epochs"
     for epoch in range(1, max_epochs + 1):
         if deadline is not None and clock() >= deadline:
             stopped = "the time budget"
@@ -136,7 +136,7 @@ def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], sc
         epoch_fn(epoch)
         scores.append(score_fn())
         if scores[-1] > scores[best]:
-            best, best_state = epoch, _copy_state(model)
+            best, best_state = epoch, copy_state(model)
         elif epoch - best >= patience and (enough is None or enough(scores[best])):
             stopped = f"a plateau ({patience} epochs without a better score)"
             break
@@ -144,5 +144,6 @@ def fine_tune_to_plateau(model: nn.Module, epoch_fn: Callable[[int], object], sc
     return {"scores": scores, "best_epoch": best, "epochs": len(scores) - 1, "stopped": stopped}
 
 
-def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of `model`'s parameters and buffers, to load back later (load_state_dict)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

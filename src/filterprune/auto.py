@@ -124,10 +124,10 @@ def prune_auto(
     reference = copy.deepcopy(model).eval()  # timed beside every step: see _time_in_turns
     trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress)  # noqa: E731
     score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
-    control = Control(copy.deepcopy(model), trainer_for(replace(aim, distill=0.0)), score, clock) if plan.control else None
     deadline = _deadlines(plan, start)
     pruner = _pruner(model, example, aim, ignore)
     first = evaluate_fn(model)
+    control = Control(copy.deepcopy(model), trainer_for(replace(aim, distill=0.0)), score, first[aim.metric], clock) if plan.control else None
     log = {"plan": asdict(plan), "baseline": _measure(model, example, first, aim, device), "iterations": [],
            "gave_up": [], "original_units": sum(g.size for g in pruner.groups),
            "channels_before": {g.name: g.size for g in pruner.groups}, "skipped": pruner.skipped,
@@ -157,7 +157,7 @@ def prune_auto(
         log["seconds"]["recovery"] = clock() - t
     aim, ignore, own_tuner = setting.schedule, list(setting.ignore), trainer_for(setting.schedule)
     # The pruned network's fine-tune, with the control's epochs alongside (control.py).
-    fine_tuner = lambda net, n: control.follow(own_tuner(net, n), net, n) if control else own_tuner(net, n)  # noqa: E731
+    fine_tuner = lambda net, n: control.follow(own_tuner(net, n), n) if control else own_tuner(net, n)  # noqa: E731
     log["schedule"] = asdict(replace(schedule, latency_batch=aim.latency_batch, normalize=aim.normalize, distill=aim.distill))
     last, size, attempt = None, plan.first_step, 0
     while True:

@@ -25,13 +25,14 @@ class Control:
     score so far (the unpruned network's to begin with), `scores` one per epoch from epoch 0,
     `seconds` the time its epochs and scoring took by clock()."""
 
-    def __init__(self, model: nn.Module, trainer: Callable, score: Callable[[nn.Module], float],
+    def __init__(self, model: nn.Module, trainer: Callable, score: Callable[[nn.Module], float], first_score: float,
                  clock: Callable[[], float] = time.perf_counter):
+        """first_score: the unpruned model's score, which the caller has already (not scored again)."""
         self.model, self.trainer, self.score, self.clock, self.seconds = model, trainer, score, clock, 0.0
-        self.best = score(model)
+        self.best = first_score
         self.scores, self.best_epoch, self._state = [self.best], 0, copy_state(model)
 
-    def follow(self, pruned_epoch: Callable[[int], object], model: nn.Module, epochs: int) -> Callable[[int], object]:
+    def follow(self, pruned_epoch: Callable[[int], object], epochs: int) -> Callable[[int], object]:
         """pruned_epoch (one epoch of the pruned network's fine-tune of at most `epochs`), then one of
         the control's, from its best weights, with a learning-rate schedule of the same length."""
         self.model.load_state_dict(self._state)

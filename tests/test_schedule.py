@@ -821,6 +821,35 @@ def test_a_met_speed_target_is_timed_again_before_the_plan_stops(latency_from_ma
     assert "measured speed-up" in log["stopped"]
 
 
+def test_distillation_in_a_planned_run_is_taught_by_the_control(latency_from_macs, monkeypatch):
+    """The pruned network's teacher is the control as it is fine-tuned alongside (in eval mode while it
+    teaches), not the unpruned network frozen at its start; without a control, that frozen copy."""
+    from filterprune import auto
+    from filterprune.auto import Plan, prune_auto
+
+    seen = []
+    def train_epoch(model, loader, optimizer, loss_fn, device, progress, desc, *, teacher, distill, **kw):
+        if distill:
+            seen.append((teacher, teacher.training))
+        optimizer.step()  # no gradients: nothing moves
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(auto, "train_epoch", train_epoch)
+    for with_control in (True, False):
+        seen.clear()
+        model, data = tiny()
+        loader = torch.utils.data.DataLoader(data, batch_size=6)
+        _, log, control = prune_auto(model, data.tensors[0][:1], loader, loader, Schedule(criterion="l1", target_macs=1.5, distill=0.5),
+                                     Plan(first_step=1.5, max_epochs=1, final_cycle=1, final_max_epochs=1, choose_recovery=False,
+                                          control=with_control), progress=False, log_fn=lambda line: None, ignore=["7"])
+        assert seen and all(not training for _, training in seen)
+        teachers = {id(teacher) for teacher, _ in seen}
+        if with_control:
+            assert teachers == {id(control)} and log["control"]["extra_epochs"] > 0
+        else:
+            assert len(teachers) == 1 and seen[0][0] is not model and not any(p.requires_grad for p in seen[0][0].parameters())
+
+
 def test_prune_auto_needs_a_target():
     from filterprune.auto import Plan
 

@@ -11,8 +11,8 @@ fine-tuned alongside, an epoch of it after each of the pruned network's (control
 the epochs alone give, and an unconverged baseline's gain from them is not spent as accuracy budget.
 The final fine-tune runs in cosine cycles, each twice as long as the last, until one no longer
 beats the best score (_final_fine_tune). Before the first step, the recovery tools (normalisation,
-the head pruned or kept, distillation) are chosen on validation by short trials of that step
-(recovery.py). A time budget is shared out between those trials, the steps and the final
+the head pruned or kept, distillation, whose teacher is the control) are chosen on validation by
+short trials of that step (recovery.py). A time budget is shared out between those trials, the steps and the final
 fine-tune (the control's epochs inside them), and whatever it cut is listed in log["gave_up"].
 Speed is judged by each step's speed-up timed in turns beside the unpruned network
 (_time_in_turns), and a met speed target is timed again before the plan stops on it.
@@ -22,6 +22,7 @@ Stopping is schedule.decide's, with every target required (not the first one met
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -38,6 +39,7 @@ from .recovery import Setting, choose, margin_for, switches
 from .schedule import (Schedule, Verdict, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, check_reachable,
                        decide, speedup, timed, within_drop)
 from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
+from .utils import evaluating
 
 # Shares of a time budget, as the deadlines of each phase from the start: choosing the recovery
 # tools, then the steps; the final fine-tune gets the rest. The control's epochs run inside the
@@ -117,24 +119,29 @@ def prune_auto(
     evaluate_fn = evaluate_fn or (lambda m: evaluate(m, val_loader, loss_fn, device=device, progress=False))
     check_reachable(model, example, aim, ignore)
     model.to(device)
-    # The teacher is the unpruned network, needed when distillation is on or may be chosen (not with
-    # the caller's own trainer, which distils or not by itself).
-    may_distill = (aim.distill or plan.choose_recovery) and trainer is None
-    teacher = copy.deepcopy(model).requires_grad_(False).eval() if may_distill else None
     reference = copy.deepcopy(model).eval()  # timed beside every step: see _time_in_turns
-    trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress)  # noqa: E731
     score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
     deadline = _deadlines(plan, start)
     pruner = _pruner(model, example, aim, ignore)
     first = evaluate_fn(model)
-    control = Control(copy.deepcopy(model), trainer_for(replace(aim, distill=0.0)), score, first[aim.metric], clock) if plan.control else None
+    plain = trainer or _trainer(replace(aim, distill=0.0), train_loader, loss_fn, None, device, progress)
+    control = Control(copy.deepcopy(model), plain, score, first[aim.metric], clock) if plan.control else None
+    # The teacher, when distillation is on or may be chosen (not with the caller's own trainer, which
+    # distils or not by itself): the control, which gains from its epochs as the bar each step is
+    # judged against does. A teacher frozen at an unconverged baseline held the pruned network near
+    # the baseline's score while the control rose past it (benchmarks/README.md). Without a control:
+    # the unpruned network, frozen. (Until the first step the control is the unpruned network.)
+    may_distill = (aim.distill or plan.choose_recovery) and trainer is None
+    teacher = (control.model if control else copy.deepcopy(model).requires_grad_(False).eval()) if may_distill else None
+    trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress)  # noqa: E731
     log = {"plan": asdict(plan), "baseline": _measure(model, example, first, aim, device), "iterations": [],
            "gave_up": [], "original_units": sum(g.size for g in pruner.groups),
            "channels_before": {g.name: g.size for g in pruner.groups}, "skipped": pruner.skipped,
            "seconds": dict.fromkeys(("baseline", "recovery", "prune", "fine_tune", "rolled_back", "final", "control"), 0.0)}
     base = log["baseline"]
     bar = lambda: control.best if control else base[aim.metric]  # noqa: E731  (what a step is judged against)
-    against = "the control" if control else "the baseline"
+    bar_name = "the control" if control else "the baseline"
+    control_seconds = lambda: control.seconds if control else 0.0  # noqa: E731  (its epochs run inside the phases' time)
     log["seconds"]["baseline"] = clock() - start
     loaders = (train_loader, rank_loader or train_loader)
 
@@ -173,12 +180,12 @@ def prune_auto(
         if result.count == 0:
             stopped = decide(aim, base, None, attempt, removed=0).reason
             break
-        t1, control_s = clock(), control.seconds if control else 0.0
+        t1, c1 = clock(), control_seconds()
         # A step still short of the accuracy limit at a plateau gets its whole cosine before it is judged.
         recovered = lambda best: within_drop(bar(), best, aim.max_accuracy_drop)  # noqa: E731
         curve = fine_tune_to_plateau(model, fine_tuner(model, plan.max_epochs), lambda: score(model), plan.max_epochs, plan.patience,
                                      deadline["steps"], clock, enough=recovered)
-        control_s = (control.seconds if control else 0.0) - control_s
+        control_s = control_seconds() - c1
         t2 = clock() - control_s  # the control's epochs are counted as its own
         entry = {**_measure(model, example, evaluate_fn(model), aim, device, timing=False),  # timed in turns below
                  "iteration": attempt, "asked_macs": round(wanted, 4), "removed": result.count,
@@ -188,8 +195,7 @@ def prune_auto(
         _time_in_turns(base, entry, reference, model, example, aim, device)
         log["iterations"].append(entry)
         log["seconds"]["prune"] += t1 - t0
-        log["seconds"]["control"] += control_s
-        log_fn(_line(entry, base, aim) + f"; {against} {100 * bar():.2f}%; asked {wanted:.2f}x fewer MACs, best of "
+        log_fn(_line(entry, base, aim) + f"; {bar_name} {100 * bar():.2f}%; asked {wanted:.2f}x fewer MACs, best of "
                f"{curve['epochs']} epochs: {curve['best_epoch']}")
         verdict = decide(aim, base, entry, attempt, every=True, against=bar())
         if verdict.stop and not verdict.roll_back and aim.target_speedup is not None:
@@ -201,11 +207,11 @@ def prune_auto(
             log["seconds"]["rolled_back"] += t2 - t1
             lost = accuracy_drop(entry["against"], entry[aim.metric])
             smaller = math.sqrt(wanted)
-            entry["why"] = (f"rolled back: {lost:.2f} points below {against} (limit {aim.max_accuracy_drop}) after {curve['epochs']} epochs; "
+            entry["why"] = (f"rolled back: {lost:.2f} points below {bar_name} (limit {aim.max_accuracy_drop}) after {curve['epochs']} epochs; "
                             + (f"retrying a {smaller:.2f}x step" if smaller >= plan.min_step else "no smaller step left to try"))
             log_fn(f"step {attempt} {entry['why']}")
             if smaller < plan.min_step:
-                stopped = (f"a {wanted:.2f}x step ended more than {aim.max_accuracy_drop} points below {against} and one below "
+                stopped = (f"a {wanted:.2f}x step ended more than {aim.max_accuracy_drop} points below {bar_name} and one below "
                            f"{plan.min_step}x would be needed: smaller steps no longer help")
                 break
             size = smaller
@@ -220,11 +226,10 @@ def prune_auto(
     if last is None and attempt:
         log_fn("no step held: the model is the baseline's")
 
-    t, control_s = clock(), control.seconds if control else 0.0
+    t, c1 = clock(), control_seconds()
     _seed(aim, 10_000, (train_loader,))
     final = _final_fine_tune(model, fine_tuner, lambda: score(model), plan, deadline["final"], clock)
-    control_s = (control.seconds if control else 0.0) - control_s
-    log["seconds"]["final"], log["seconds"]["control"] = clock() - t - control_s, log["seconds"]["control"] + control_s
+    log["seconds"]["final"], log["seconds"]["control"] = clock() - t - (control_seconds() - c1), control_seconds()
     if final["stopped"] == "the time budget":
         log["gave_up"].append(f"final fine-tuning: stopped by the budget after {final['epochs']} of at most {plan.final_max_epochs} epochs")
     log["final_fine_tune"] = final
@@ -371,9 +376,10 @@ def _trainer(aim: Schedule, loader, loss_fn: Callable, teacher: nn.Module | None
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
 
         def one_epoch(epoch: int) -> float:
-            history = train_epoch(model, loader, optimizer, loss_fn, device, progress, desc=f"fine-tune {epoch}/{epochs}",
-                                  teacher=teacher, distill=aim.distill, temperature=aim.temperature, amp=aim.amp,
-                                  channels_last=aim.channels_last)
+            with evaluating(teacher) if teacher is not None else contextlib.nullcontext():  # the control trains between epochs
+                history = train_epoch(model, loader, optimizer, loss_fn, device, progress, desc=f"fine-tune {epoch}/{epochs}",
+                                      teacher=teacher, distill=aim.distill, temperature=aim.temperature, amp=aim.amp,
+                                      channels_last=aim.channels_last)
             cosine.step()
             return history["loss"]
 

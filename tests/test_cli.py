@@ -634,6 +634,13 @@ def test_budget_needs_a_planned_run(folders, capsys):
     assert exit.value.code == 2 and "must be a duration like 20m" in capsys.readouterr().err
 
 
+def test_a_planned_run_refuses_resume(folders, tmp_path, capsys):
+    code, _, err = run(capsys, "prune", "--data", folders["with_test"], *TINY, "--target-speedup", "2", "--resume",
+                       "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "drop --resume and torchrun")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_planned_prune_chooses_on_validation_images_only(folders, trained, tmp_path, capsys, monkeypatch):
     """A target and no recipe: the loop plans; every evaluation inside it is on validation images carved
     from the training folder, the test images give only the report's headline, with the control."""

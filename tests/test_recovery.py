@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from filterprune import Schedule
-from filterprune.recovery import Setting, Switch, choose, margin_for, switches
+from filterprune.recovery import Setting, Switch, choose, switches
+from filterprune.schedule import accuracy_noise
 from filterprune.report import _plan
 
 
@@ -60,8 +61,10 @@ def test_a_tool_level_on_validation_is_used_when_it_gets_clearly_closer_to_the_t
     assert choose(Setting(Schedule(), ("7",)), [switch], lambda s: reach[s.ignore], margin=1.5)[0].ignore == ("7",)
 
 
-def test_the_margin_is_at_least_three_validation_images():
-    assert margin_for(0.5, 200) == 1.5 and margin_for(0.5, 1000) == 0.5 and margin_for(0.5, None) == 0.5
+def test_the_noise_is_one_standard_error_of_a_difference_of_two_accuracies():
+    # By hand: sqrt(2 * 0.9 * 0.1 / 200) = 0.03 -> 3.0 points; 87% on 1000 images -> 1.504 points.
+    assert abs(accuracy_noise(0.9, 200) - 3.0) < 1e-9 and abs(accuracy_noise(0.87, 1000) - 1.50399) < 1e-4
+    assert accuracy_noise(0.9, None) == 0.0 and accuracy_noise(1.0, 500) == 0.0
 
 
 def test_choosing_stops_before_a_trial_that_would_pass_its_deadline():

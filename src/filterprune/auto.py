@@ -35,9 +35,9 @@ from torch import nn
 from .control import Control
 from .distributed import Context
 from .measure import deployment_batch, in_turns, keep_lowest, profile
-from .recovery import Setting, choose, margin_for, switches
-from .schedule import (Schedule, Verdict, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, check_reachable,
-                       decide, speedup, timed, within_drop)
+from .recovery import Setting, choose, switches
+from .schedule import (Schedule, Verdict, _line, _measure, _option, _prune_step, _pruner, _seed, _to, accuracy_drop, accuracy_noise,
+                       check_reachable, decide, least_speedup, timed, within_drop)
 from .train import evaluate, fine_tune_to_plateau, make_optimizer, train_epoch
 from .utils import evaluating
 
@@ -60,6 +60,12 @@ class Plan:
                                      "step that held)")
     min_step: float = _option(1.05, "the smallest step tried: when even a step this small loses too much, the plan ends")
     speed_margin: float = _option(1.1, "aim this many times beyond --target-speedup: timings during a run are noisy")
+    speed_batches: tuple[int, ...] | None = _option(None, "batch sizes at which --target-speedup must hold as well as at "
+                                                          "--latency-batch, e.g. 1,64")
+    step_allowance: float | None = _option(None, "points a step may end below the control beyond --max-drop while pruning goes "
+                                                 "on; the final network is held to --max-drop, else the plan goes back to the "
+                                                 "last step within it (default: the validation images' noise, one standard "
+                                                 "error of a difference of two accuracies on them)")
     budget_s: float | None = _option(None, "time for the whole planned run, e.g. 20m, 1.5h, 900s; the plan fits its "
                                            "fine-tuning into it and says what it gave up", flag="--budget")
     control: bool = _option(True, "also fine-tune the unpruned network alongside, epoch for epoch, and judge every step "
@@ -70,7 +76,7 @@ class Plan:
                                           "on the validation images (off: use them as given)")
     trial_epochs: int = _option(2, "fine-tuning epochs of each trial that chooses the recovery tools")
     recovery_margin: float = _option(0.5, "validation points a recovery tool must gain over the setting it replaces to be used "
-                                           "(and more than 3 validation images' worth)")
+                                           "(and more than the validation images' noise, as --step-allowance's)")
 
 
 def prune_auto(
@@ -114,6 +120,7 @@ def prune_auto(
     # The loop aims beyond a speed target (noisy timings); the recipe's count of iterations does not apply.
     aim = replace(schedule, max_iterations=None, latency_batch=schedule.latency_batch or deployment_batch(device),
                   target_speedup=schedule.target_speedup and schedule.target_speedup * plan.speed_margin)
+    batches = tuple(dict.fromkeys((aim.latency_batch, *(plan.speed_batches or ()))))  # the speed target holds at each
     start, example, fixed = clock(), _to(example_inputs, device), list(ignore)
     ignore = fixed + [name for name in head_kept if name not in fixed]
     evaluate_fn = evaluate_fn or (lambda m: evaluate(m, val_loader, loss_fn, device=device, progress=False))
@@ -124,6 +131,11 @@ def prune_auto(
     deadline = _deadlines(plan, start)
     pruner = _pruner(model, example, aim, ignore)
     first = evaluate_fn(model)
+    # Validation accuracies of two networks that differ by less than their noise are not told apart:
+    # a step's best epoch, judged against the control's best, is judged with that much allowance
+    # (a limit at the noise level rolled back steps the final fine-tune would have recovered).
+    noise = accuracy_noise(first[aim.metric], first.get("examples")) if aim.metric == "accuracy" else 0.0
+    allowance = plan.step_allowance if plan.step_allowance is not None else noise
     plain = trainer or _trainer(replace(aim, distill=0.0), train_loader, loss_fn, None, device, progress)
     control = Control(copy.deepcopy(model), plain, score, first[aim.metric], clock) if plan.control else None
     # The teacher, when distillation is on or may be chosen (not with the caller's own trainer, which
@@ -137,6 +149,7 @@ def prune_auto(
     log = {"plan": asdict(plan), "baseline": _measure(model, example, first, aim, device), "iterations": [],
            "gave_up": [], "original_units": sum(g.size for g in pruner.groups),
            "channels_before": {g.name: g.size for g in pruner.groups}, "skipped": pruner.skipped,
+           "noise": {"points": round(noise, 2), "examples": first.get("examples"), "step_allowance": round(allowance, 2)},
            "seconds": dict.fromkeys(("baseline", "recovery", "prune", "fine_tune", "rolled_back", "final", "control"), 0.0)}
     base = log["baseline"]
     bar = lambda: control.best if control else base[aim.metric]  # noqa: E731  (what a step is judged against)
@@ -157,16 +170,20 @@ def prune_auto(
     setting = Setting(aim, tuple(ignore))
     if plan.choose_recovery:
         t = clock()
-        setting = _choose_recovery(model, example, setting, fixed, cut, _next_step(aim, plan, base, None, plan.first_step), plan,
-                                   margin_for(plan.recovery_margin, first.get("examples")), trainer_for, score,
-                                   lambda net: _reached(net, base, reference, example, aim, device), trainer is not None, log,
+        setting = _choose_recovery(model, example, setting, fixed, cut, _next_step(aim, plan, base, None, plan.first_step, batches), plan,
+                                   max(plan.recovery_margin, noise), trainer_for, score,
+                                   lambda net: _reached(net, base, reference, example, aim, batches, device), trainer is not None, log,
                                    deadline["choose"], clock, log_fn)
         log["seconds"]["recovery"] = clock() - t
     aim, ignore, own_tuner = setting.schedule, list(setting.ignore), trainer_for(setting.schedule)
     # The pruned network's fine-tune, with the control's epochs alongside (control.py).
     fine_tuner = lambda net, n: control.follow(own_tuner(net, n), n) if control else own_tuner(net, n)  # noqa: E731
     log["schedule"] = asdict(replace(schedule, latency_batch=aim.latency_batch, normalize=aim.normalize, distill=aim.distill))
-    last, size, attempt = None, plan.first_step, 0
+    limit = aim.max_accuracy_drop
+    loose = aim if limit is None else replace(aim, max_accuracy_drop=limit + allowance)  # what a step is judged by
+    # held: the network after the last step within the limit itself, and its number: where the plan goes
+    # back to if the final network misses the limit (None: no step has, or the last one kept is it).
+    last, size, attempt, held = None, plan.first_step, 0, None
     while True:
         if deadline["steps"] is not None and clock() >= deadline["steps"]:
             log["gave_up"].append(f"more pruning: the budget's share for steps ({_STEPS_UNTIL:.0%}) was spent "
@@ -174,7 +191,7 @@ def prune_auto(
             stopped = "the time budget"
             break
         attempt += 1
-        wanted = _next_step(aim, plan, base, last, size)
+        wanted = _next_step(aim, plan, base, last, size, batches)
         previous, mark, t0 = copy.deepcopy(model), control and control.mark(), clock()
         result = cut(model, aim, ignore, wanted, attempt)
         if result.count == 0:
@@ -192,14 +209,14 @@ def prune_auto(
                  "removed_per_group": result.removed_per_group, "channels": result.channels, "check": result.check, "curve": curve["scores"], "best_epoch": curve["best_epoch"], "epochs": curve["epochs"],
                  "fine_tune_stopped": curve["stopped"], "against": bar(),
                  "seconds": {"prune": round(t1 - t0, 1), "fine_tune": round(t2 - t1, 1), "control": round(control_s, 1)}}
-        _time_in_turns(base, entry, reference, model, example, aim, device)
+        _time_in_turns(base, entry, reference, model, example, aim, batches, device)
         log["iterations"].append(entry)
         log["seconds"]["prune"] += t1 - t0
         log_fn(_line(entry, base, aim) + f"; {bar_name} {100 * bar():.2f}%; asked {wanted:.2f}x fewer MACs, best of "
                f"{curve['epochs']} epochs: {curve['best_epoch']}")
-        verdict = decide(aim, base, entry, attempt, every=True, against=bar())
+        verdict = decide(loose, base, entry, attempt, every=True, against=bar(), batches=batches)
         if verdict.stop and not verdict.roll_back and aim.target_speedup is not None:
-            verdict = _confirm_speed(base, entry, reference, model, example, aim, plan, attempt, device, log_fn, bar())
+            verdict = _confirm_speed(base, entry, reference, model, example, loose, plan, attempt, batches, device, log_fn, bar())
         if verdict.roll_back:
             model, entry["rejected"] = previous, True
             if control:
@@ -207,17 +224,25 @@ def prune_auto(
             log["seconds"]["rolled_back"] += t2 - t1
             lost = accuracy_drop(entry["against"], entry[aim.metric])
             smaller = math.sqrt(wanted)
-            entry["why"] = (f"rolled back: {lost:.2f} points below {bar_name} (limit {aim.max_accuracy_drop}) after {curve['epochs']} epochs; "
+            entry["why"] = (f"rolled back: {lost:.2f} points below {bar_name} (limit {limit} + {allowance:.2f} noise) after "
+                            f"{curve['epochs']} epochs; "
                             + (f"retrying a {smaller:.2f}x step" if smaller >= plan.min_step else "no smaller step left to try"))
             log_fn(f"step {attempt} {entry['why']}")
             if smaller < plan.min_step:
-                stopped = (f"a {wanted:.2f}x step ended more than {aim.max_accuracy_drop} points below {bar_name} and one below "
+                stopped = (f"a {wanted:.2f}x step ended more than {loose.max_accuracy_drop:.2f} points below {bar_name} and one below "
                            f"{plan.min_step}x would be needed: smaller steps no longer help")
                 break
             size = smaller
             continue
         log["seconds"]["fine_tune"] += t2 - t1
-        entry["why"] = "kept"
+        entry["within_limit"] = within_drop(entry["against"], entry[aim.metric], limit)
+        if entry["within_limit"]:
+            entry["why"], held = "kept", None
+        else:
+            entry["why"] = (f"kept within the noise allowance: {accuracy_drop(entry['against'], entry[aim.metric]):.2f} points below "
+                            f"{bar_name} (limit {limit} + {allowance:.2f})")
+            if last is not None and last["within_limit"]:  # the network before this step was within the limit
+                held = (previous, last["iteration"])
         last, size = entry, min(size, wanted)
         if verdict.stop:
             stopped = verdict.reason
@@ -234,15 +259,18 @@ def prune_auto(
         log["gave_up"].append(f"final fine-tuning: stopped by the budget after {final['epochs']} of at most {plan.final_max_epochs} epochs")
     log["final_fine_tune"] = final
     log["final"] = _measure(model, example, evaluate_fn(model), aim, device, timing=False)
-    _time_in_turns(base, log["final"], reference, model, example, aim, device)  # the report's speed-up, judged as the steps'
     log_fn(f"final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}, stopped by {final['stopped']}), "
            f"{aim.metric} {100 * log['final'][aim.metric]:.2f}%")
+    if held is not None and not within_drop(bar(), log["final"][aim.metric], limit):
+        model = _fall_back(model, held, own_tuner, score, evaluate_fn, example, aim, plan, bar(), bar_name, deadline["final"], clock,
+                           log, log_fn, device)
+    _time_in_turns(base, log["final"], reference, model, example, aim, batches, device)  # the report's speed-up, judged as the steps'
 
     unpruned = control.finish() if control else None
     if control:
         log["control"] = {**_measure(unpruned, example, evaluate_fn(unpruned), aim, device, timing=False), "extra_epochs": control.epochs,
                           "best_epoch": control.best_epoch, "curve": control.scores}
-        _time_in_turns(base, log["control"], reference, unpruned, example, aim, device)
+        _time_in_turns(base, log["control"], reference, unpruned, example, aim, batches, device)
         log_fn(f"control (unpruned, {control.epochs} epochs alongside, best {control.best_epoch}): {aim.metric} "
                f"{100 * log['control'][aim.metric]:.2f}%")
     log["seconds"] = {k: round(v, 1) for k, v in log["seconds"].items()}
@@ -275,7 +303,33 @@ def _choose_recovery(model: nn.Module, example, setting: Setting, fixed: list[st
     return chosen
 
 
-def _reached(net: nn.Module, base: dict, reference: nn.Module, example, aim: Schedule, device: str) -> dict[str, float]:
+def _fall_back(model: nn.Module, held: tuple[nn.Module, int], tuner, score, evaluate_fn, example, aim: Schedule, plan: Plan, bar: float,
+               bar_name: str, deadline: float | None, clock, log: dict, log_fn, device: str) -> nn.Module:
+    """The final network missed the accuracy limit after steps kept within the noise allowance: give
+    the network of the last step within the limit itself (held: it and its number) a final fine-tune
+    too (without the control: its epochs are done), and return whichever of the two scores higher on
+    validation. log["fell_back"] says what was tried and which was kept."""
+    t, (net, step) = clock(), held
+    missed = accuracy_drop(bar, log["final"][aim.metric])
+    log_fn(f"the final network is {missed:.2f} points below {bar_name} (limit {aim.max_accuracy_drop}): a final fine-tune of "
+           f"step {step}'s network, the last within the limit, to choose between the two")
+    _seed(aim, 20_000, ())
+    again = _final_fine_tune(net, tuner, lambda: score(net), plan, deadline, clock)
+    tried = _measure(net, example, evaluate_fn(net), aim, device, timing=False)
+    used = tried[aim.metric] > log["final"][aim.metric]
+    log["fell_back"] = {"step": step, "final_missed_by": round(missed, 2), "step_final_fine_tune": again, aim.metric: tried[aim.metric],
+                        "instead_of": log["final"][aim.metric], "used": used}
+    log["seconds"]["fall_back"] = clock() - t
+    log_fn(f"step {step}'s network after its final fine-tune: {aim.metric} {100 * tried[aim.metric]:.2f}%: "
+           + ("kept in place of the final network" if used else "no better: the final network stays"))
+    if used:
+        log["final"], log["final_fine_tune"] = tried, again
+        return net
+    return model
+
+
+def _reached(net: nn.Module, base: dict, reference: nn.Module, example, aim: Schedule, batches: tuple[int, ...],
+             device: str) -> dict[str, float]:
     """How far `net` has come towards aim's targets: {"macs", "speed", "size": factor}, the speed timed in
     turns with the unpruned `reference` (_time_in_turns)."""
     entry = {**profile(net, example, latency=False, device=device).as_dict(), "latency": []}  # timed below, only if needed
@@ -283,8 +337,8 @@ def _reached(net: nn.Module, base: dict, reference: nn.Module, example, aim: Sch
     if aim.target_macs is not None:
         reached["macs"] = base["macs"] / entry["macs"]
     if aim.target_speedup is not None:
-        _time_in_turns(base, entry, reference, net, example, aim, device)
-        reached["speed"] = speedup(base, entry, aim.latency_batch, aim.runtime)
+        _time_in_turns(base, entry, reference, net, example, aim, batches, device)
+        reached["speed"] = least_speedup(base, entry, batches, aim.runtime)
     if aim.target_size is not None:
         reached["size"] = base["size_mb"] / entry["size_mb"]
     return reached
@@ -315,41 +369,42 @@ def _final_fine_tune(model: nn.Module, fine_tuner, score, plan: Plan, deadline: 
 
 
 def _confirm_speed(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule, plan: Plan,
-                   attempt: int, device: str, log_fn, against: float) -> Verdict:
+                   attempt: int, batches: tuple[int, ...], device: str, log_fn, against: float) -> Verdict:
     """The verdict once the step's speed-up is timed again, plan.confirm_rounds rounds in turns: the loop
     stops at the first step whose timing passes the aim, so that timing is the one most likely to have
     read high; the new rounds replace it (entry["first_speedup"] keeps it)."""
-    first = speedup(base, entry, aim.latency_batch, aim.runtime)
+    first = least_speedup(base, entry, batches, aim.runtime)
     entry["first_speedup"] = entry["speedup"]
-    _time_in_turns(base, entry, reference, model, example, aim, device, rounds=plan.confirm_rounds)
-    again = speedup(base, entry, aim.latency_batch, aim.runtime)
-    confirmed = decide(aim, base, entry, attempt, every=True, against=against)
+    _time_in_turns(base, entry, reference, model, example, aim, batches, device, rounds=plan.confirm_rounds)
+    again = least_speedup(base, entry, batches, aim.runtime)
+    confirmed = decide(aim, base, entry, attempt, every=True, against=against, batches=batches)
     log_fn(f"step {attempt}: {first:.2f}x timed again in {plan.confirm_rounds} rounds: {again:.2f}x, "
            + ("the targets hold" if confirmed.stop else f"short of the aim {aim.target_speedup:.2f}x: pruning goes on"))
     return confirmed
 
 
-def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule, device: str,
-                   rounds: int = 5) -> None:
-    """Time the unpruned `reference` and the pruned `model` in turns in eager PyTorch and aim.runtime:
+def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule,
+                   batches: tuple[int, ...], device: str, rounds: int = 5) -> None:
+    """Time the unpruned `reference` and the pruned `model` in turns in eager PyTorch and aim.runtime, at each of `batches`:
     entry["speedup"] is the median of the rounds' ratios (measure.in_turns), which the loop judges the
     speed target by; `base` and `entry` keep each one's lowest time, for the tables."""
     runtimes = tuple(dict.fromkeys(("eager", aim.runtime)))
     lowest, speedups = in_turns({"base": reference, "step": model},
-                                lambda net: [timed(net, example, r, aim.latency_batch, device) for r in runtimes], rounds)
+                                lambda net: [timed(net, example, r, b, device) for r in runtimes for b in batches], rounds)
     base["latency"] = keep_lowest(base["latency"], lowest["base"])
     entry["latency"], entry["speedup"] = keep_lowest(entry["latency"], lowest["step"]), speedups["step"]
 
 
-def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: float) -> float:
+def _next_step(aim: Schedule, plan: Plan, base: dict, last: dict | None, size: float, batches: tuple[int, ...]) -> float:
     """The MACs reduction the next step asks for: what the unmet targets still need, at most `size`,
     at least plan.min_step. A target's need is estimated from how it has fallen with MACs so far
-    (MACs reduction = its reduction ** k; k = 1 before there is evidence)."""
+    (MACs reduction = its reduction ** k; k = 1 before there is evidence); the speed-up's is the lowest
+    of those at `batches`."""
     now = last or base
     macs_done = base["macs"] / now["macs"]
     needs = []
     for target, reached in ((aim.target_macs, macs_done),
-                            (aim.target_speedup, speedup(base, now, aim.latency_batch, aim.runtime)),
+                            (aim.target_speedup, least_speedup(base, last, batches, aim.runtime) if last else 1.0),
                             (aim.target_size, base["size_mb"] / now["size_mb"])):
         if target is None or reached >= target:
             continue

@@ -79,7 +79,18 @@ def duration(text: str) -> float:
 
 
 # A field's own parser where its type annotation does not say how to read it.
-_PARSERS = {"round_to": _round_to, "budget_s": duration}
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,64' as (1, 64)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of batch sizes: write e.g. 1,64") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes are whole numbers of at least 1, e.g. 1,64")
+    return sizes
+
+
+_PARSERS = {"round_to": _round_to, "budget_s": duration, "speed_batches": batch_sizes}
 # The fixed recipe's fields: given none of them, a prune with a target plans its own steps (auto.Plan).
 RECIPE = ("step", "macs_step", "epochs", "final_epochs", "max_iterations")
 

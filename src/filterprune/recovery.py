@@ -1,7 +1,8 @@
 """Recovery tools chosen by evidence: before a planned run prunes for real, its first step is tried
 with each tool switched, on a copy of the network, with the same seed and a short fine-tune, and
 scored on the validation images. A tool is taken only when it beats the setting it would replace by
-more than a margin: a few validation images either way are noise, and the default costs nothing.
+more than a margin, at least the validation images' noise (schedule.accuracy_noise): on 1000 images
+two short trials differ by a point and more by chance, and the default costs nothing.
 
 The tools: how layers' scores are normalised before the global ranking ("mean" or the paper's
 "l2"), whether hidden Linear layers of the head are pruned with the filters or kept, and
@@ -73,12 +74,6 @@ def switches(model: nn.Module, example_inputs, setting: Setting, fixed: Iterable
     found.append(Switch("distill", f"distill {weight:g} (not {schedule.distill:g})",
                         lambda s: replace(s, schedule=replace(s.schedule, distill=weight)), reshapes=False))
     return found, left_out
-
-
-def margin_for(margin: float, examples: int | None) -> float:
-    """The gain in points a tool needs: more than `margin`, and more than 3 of `examples` validation
-    images (a difference of one or two images is noise, and on 200 images each is 0.5 points)."""
-    return max(margin, 300 / examples) if examples else margin
 
 
 def choose(setting: Setting, candidates: Iterable[Switch], trial: Callable[[Setting], tuple[float, dict]], margin: float,

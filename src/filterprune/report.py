@@ -277,6 +277,15 @@ def _plan(report: dict) -> list[str]:
              f"improving, keeping the best epoch. Final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}), "
              f"stopped by {final['stopped']}.",
              _table(header, rows)]
+    if noise := plan.get("noise"):
+        lines.append(f"While pruning went on, a step was kept up to {noise['step_allowance']:.2f} points beyond the accuracy limit "
+                     f"(the noise of {noise['examples']} validation images: {noise['points']:.2f} points, one standard error of a "
+                     "difference of two accuracies); the final network is held to the limit itself.")
+    if back := plan.get("fell_back"):
+        lines.append(f"The final network ended {back['final_missed_by']:.2f} points below the limit's reference, so step "
+                     f"{back['step']}'s network (the last within the limit) had a final fine-tune too: "
+                     f"{_value('acc', back['accuracy'])} against {_value('acc', back['instead_of'])}; "
+                     + ("it was kept in place of the final network." if back["used"] else "the final network stayed."))
     if recovery := plan.get("recovery"):
         lines += _recovery(recovery)
     lines.append("Gave up for the time budget: " + "; ".join(plan["gave_up"]) + "." if plan["gave_up"] else
@@ -295,7 +304,7 @@ def _recovery(recovery: dict) -> list[str]:
     return [f"Recovery tools used: **{used}**. Each was chosen by a trial of the first step ({recovery['asked_macs']:.2f}x fewer "
             f"MACs, {recovery['trial_epochs']} epochs of fine-tuning, the step's seed) on a copy of the network, scored on the "
             f"validation images; a tool is used only when it gains more than {recovery['margin']:.2f} points over the setting it "
-            "would replace (the larger of --recovery-margin and 3 validation images), one tool at a time.",
+            "would replace (the larger of --recovery-margin and the validation images' noise), one tool at a time.",
             _table(["tool", "tried", "validation accuracy", "against", "outcome"], rows)]
 
 

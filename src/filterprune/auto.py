@@ -317,7 +317,7 @@ def _fall_back(model: nn.Module, held: tuple[nn.Module, int], tuner, score, eval
     again = _final_fine_tune(net, tuner, lambda: score(net), plan, deadline, clock)
     tried = _measure(net, example, evaluate_fn(net), aim, device, timing=False)
     used = tried[aim.metric] > log["final"][aim.metric]
-    log["fell_back"] = {"step": step, "final_missed_by": round(missed, 2), "step_final_fine_tune": again, aim.metric: tried[aim.metric],
+    log["fell_back"] = {"step": step, "final_missed_by": round(missed, 2), "step_final_fine_tune": again, "score": tried[aim.metric],
                         "instead_of": log["final"][aim.metric], "used": used}
     log["seconds"]["fall_back"] = clock() - t
     log_fn(f"step {step}'s network after its final fine-tune: {aim.metric} {100 * tried[aim.metric]:.2f}%: "

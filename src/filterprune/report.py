@@ -284,7 +284,7 @@ def _plan(report: dict) -> list[str]:
     if back := plan.get("fell_back"):
         lines.append(f"The final network ended {back['final_missed_by']:.2f} points below the limit's reference, so step "
                      f"{back['step']}'s network (the last within the limit) had a final fine-tune too: "
-                     f"{_value('acc', back['accuracy'])} against {_value('acc', back['instead_of'])}; "
+                     f"{_value('acc', back['score'])} against {_value('acc', back['instead_of'])}; "
                      + ("it was kept in place of the final network." if back["used"] else "the final network stayed."))
     if recovery := plan.get("recovery"):
         lines += _recovery(recovery)

@@ -98,7 +98,7 @@ def test_the_head_is_offered_pruned_or_kept_and_left_out_when_it_cannot_be_a_cho
 def test_the_planned_run_uses_the_tool_that_wins_on_validation_and_the_report_says_why():
     """A stubbed validation score that falls as the hidden Linear layer loses units: the trial with the
     head kept wins, the run keeps the head whole, and report.md gives the trials."""
-    from filterprune.auto import Plan, prune_auto
+    from filterprune.auto import Plan, prune_auto, reported_plan
 
     model = headed()
     data = torch.utils.data.TensorDataset(torch.randn(24, 3, 8, 8), torch.randint(0, 3, (24,)))
@@ -115,7 +115,7 @@ def test_the_planned_run_uses_the_tool_that_wins_on_validation_and_the_report_sa
     assert recovery["left_out"] == [{"tool": "distill", "why": "a trainer was given: distillation is up to it"}]
     assert log["seconds"]["recovery"] > 0
     report = {"baseline": log["baseline"], "iterations": log["iterations"],
-              "plan": {k: log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune", "recovery")}}
+              "plan": reported_plan(log)}
     text = "\n".join(_plan(report))
     assert "Recovery tools used: **normalize" in text and "head kept" in text and "| head | head kept (7)" in text
 

@@ -30,6 +30,7 @@ from filterprune.cli import main
 from filterprune.checkpoint import CheckpointError
 from filterprune.checkpoint import load as load_checkpoint
 from filterprune.measure import latency
+from filterprune.auto import reported_plan
 from filterprune.report import _plan
 from filterprune.schedule import Schedule, prune_iteratively
 from images import COLOURS, one_thread, picture  # noqa: F401  (one_thread: an autouse fixture)
@@ -848,7 +849,7 @@ def test_steps_within_the_noise_are_kept_and_the_final_network_is_held_to_the_li
     assert log["fell_back"]["step"] == 1 and log["fell_back"]["used"] and log["fell_back"]["final_missed_by"] == 2.0
     assert log["final"]["accuracy"] == 0.895 and base_macs / macs_of(model) < 1.2
     text = "\n".join(_plan({"baseline": log["baseline"], "iterations": log["iterations"],
-                            "plan": {k: log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune", "noise", "fell_back")}}))
+                            "plan": reported_plan(log)}))
     assert "kept up to 3.00 points beyond the accuracy limit (the noise of 200 validation images" in text
     assert "so step 1's network (the last within the limit) had a final fine-tune too" in text and "kept in place of" in text
     _, log, _ = planned(schedule, replace(plan, step_allowance=0.0), accuracy)

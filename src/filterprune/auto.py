@@ -79,6 +79,11 @@ class Plan:
                                            "(and more than the validation images' noise, as --step-allowance's)")
 
 
+def reported_plan(log: dict) -> dict:
+    """The part of prune_auto's log that a report's "plan" section shows (report._plan)."""
+    return {k: log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune", "recovery", "noise", "fell_back") if k in log}
+
+
 def prune_auto(
     model: nn.Module,
     example_inputs: torch.Tensor,

@@ -284,7 +284,9 @@ def _prune_report(args, log: dict, base_test: dict, pruned_test: dict, control_t
         report["control"] = summary(log["control"], control_test)
         report["loop"]["control_accuracy"] = log["control"]["accuracy"]
     if "plan" in log:
-        report["plan"] = {k: log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune", "recovery", "noise", "fell_back") if k in log}
+        from .auto import reported_plan
+
+        report["plan"] = reported_plan(log)
     return report
 
 

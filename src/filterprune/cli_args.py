@@ -78,7 +78,6 @@ def duration(text: str) -> float:
     return value
 
 
-# A field's own parser where its type annotation does not say how to read it.
 def batch_sizes(text: str) -> tuple[int, ...]:
     """'1,64' as (1, 64)."""
     try:
@@ -90,6 +89,7 @@ def batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+# A field's own parser where its type annotation does not say how to read it.
 _PARSERS = {"round_to": _round_to, "budget_s": duration, "speed_batches": batch_sizes}
 # The fixed recipe's fields: given none of them, a prune with a target plans its own steps (auto.Plan).
 RECIPE = ("step", "macs_step", "epochs", "final_epochs", "max_iterations")

@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import io
 from ..data import make_loader
-from ..auto import Plan, prune_auto
+from ..auto import Plan, prune_auto, reported_plan
 from ..measure import in_turns, profile
 from ..schedule import Schedule, prune_iteratively
 from ..train import evaluate, fine_tune, make_optimizer, train_epoch
@@ -270,8 +270,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, cache: str | Pat
                  "evaluated_on": f"{len(sets['val'])} validation images"},
         "stopped": run_log["stopped"],
         "skipped": run_log["skipped"],
-        **({"plan": {k: run_log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune", "recovery", "noise", "fell_back") if k in run_log}}
-           if config.auto else {}),
+        **({"plan": reported_plan(run_log)} if config.auto else {}),
         "labels": {"accuracy_800": f"accuracy, the blog's {len(test_blog)} test images",
                    "val_accuracy": f"accuracy, {len(sets['val'])} validation images"},
         "reference": BLOG,

@@ -84,6 +84,87 @@ def reported_plan(log: dict) -> dict:
     return {k: log[k] for k in ("plan", "gave_up", "seconds", "final_fine_tune", "recovery", "noise", "fell_back") if k in log}
 
 
+@dataclass
+class _Run:
+    """What the planned loop's helpers share: the targets aimed at, the example inputs and device, the
+    batches the speed target holds at, a copy of the unpruned network timed beside each step, the
+    validation, and the log (log["baseline"]: the unpruned network's measures). aim becomes the recovery
+    tools' choice once they are chosen."""
+
+    aim: Schedule
+    plan: Plan
+    example: object
+    device: str
+    batches: tuple[int, ...]
+    reference: nn.Module
+    evaluate_fn: Callable[[nn.Module], dict]
+    clock: Callable[[], float]
+    log_fn: Callable[[str], None]
+    log: dict
+
+    def score(self, net: nn.Module) -> float:
+        return self.evaluate_fn(net)[self.aim.metric]
+
+    def measure(self, net: nn.Module) -> dict:
+        """A log entry of `net`, not timed (time_in_turns times it)."""
+        return _measure(net, self.example, self.evaluate_fn(net), self.aim, self.device, timing=False)
+
+    def time_in_turns(self, entry: dict, net: nn.Module, rounds: int = 5) -> None:
+        _time_in_turns(self.log["baseline"], entry, self.reference, net, self.example, self.aim, self.batches, self.device, rounds)
+
+    def reached(self, net: nn.Module) -> dict[str, float]:
+        """How far `net` has come towards the targets: {"macs", "speed", "size": factor}."""
+        base, aim = self.log["baseline"], self.aim
+        entry = {**profile(net, self.example, latency=False, device=self.device).as_dict(), "latency": []}  # timed only if needed
+        reached = {}
+        if aim.target_macs is not None:
+            reached["macs"] = base["macs"] / entry["macs"]
+        if aim.target_speedup is not None:
+            self.time_in_turns(entry, net)
+            reached["speed"] = least_speedup(base, entry, self.batches, aim.runtime)
+        if aim.target_size is not None:
+            reached["size"] = base["size_mb"] / entry["size_mb"]
+        return reached
+
+    def confirm_speed(self, entry: dict, net: nn.Module, judged_by: Schedule, attempt: int, against: float) -> Verdict:
+        """The verdict once the step's speed-up is timed again, plan.confirm_rounds rounds in turns: the loop
+        stops at the first step whose timing passes the aim, so that timing is the one most likely to have
+        read high; the new rounds replace it (entry["first_speedup"] keeps it)."""
+        base, rounds = self.log["baseline"], self.plan.confirm_rounds
+        first = least_speedup(base, entry, self.batches, self.aim.runtime)
+        entry["first_speedup"] = entry["speedup"]
+        self.time_in_turns(entry, net, rounds=rounds)
+        again = least_speedup(base, entry, self.batches, self.aim.runtime)
+        confirmed = decide(judged_by, base, entry, attempt, every=True, against=against, batches=self.batches)
+        self.log_fn(f"step {attempt}: {first:.2f}x timed again in {rounds} rounds: {again:.2f}x, "
+                    + ("the targets hold" if confirmed.stop else f"short of the aim {self.aim.target_speedup:.2f}x: pruning goes on"))
+        return confirmed
+
+    def fall_back(self, model: nn.Module, held: tuple[nn.Module, int], tuner, bar: float, bar_name: str,
+                  deadline: float | None) -> nn.Module:
+        """The final network missed the accuracy limit after steps kept within the noise allowance: give
+        the network of the last step within the limit itself (held: it and its number) a final fine-tune
+        too (with `tuner`, without the control: its epochs are done), and return whichever of the two
+        scores higher on validation. log["fell_back"] says what was tried and which was kept."""
+        t, (net, step), log, metric = self.clock(), held, self.log, self.aim.metric
+        missed = accuracy_drop(bar, log["final"][metric])
+        self.log_fn(f"the final network is {missed:.2f} points below {bar_name} (limit {self.aim.max_accuracy_drop}): a final "
+                    f"fine-tune of step {step}'s network, the last within the limit, to choose between the two")
+        _seed(self.aim, 20_000, ())
+        again = _final_fine_tune(net, tuner, lambda: self.score(net), self.plan, deadline, self.clock)
+        tried = self.measure(net)
+        used = tried[metric] > log["final"][metric]
+        log["fell_back"] = {"step": step, "final_missed_by": round(missed, 2), "step_final_fine_tune": again, "score": tried[metric],
+                            "instead_of": log["final"][metric], "used": used}
+        log["seconds"]["fall_back"] = self.clock() - t
+        self.log_fn(f"step {step}'s network after its final fine-tune: {metric} {100 * tried[metric]:.2f}%: "
+                    + ("kept in place of the final network" if used else "no better: the final network stays"))
+        if used:
+            log["final"], log["final_fine_tune"] = tried, again
+            return net
+        return model
+
+
 def prune_auto(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -131,8 +212,6 @@ def prune_auto(
     evaluate_fn = evaluate_fn or (lambda m: evaluate(m, val_loader, loss_fn, device=device, progress=False))
     check_reachable(model, example, aim, ignore)
     model.to(device)
-    reference = copy.deepcopy(model).eval()  # timed beside every step: see _time_in_turns
-    score = lambda m: evaluate_fn(m)[aim.metric]  # noqa: E731
     deadline = _deadlines(plan, start)
     pruner = _pruner(model, example, aim, ignore)
     first = evaluate_fn(model)
@@ -142,6 +221,14 @@ def prune_auto(
     noise = accuracy_noise(first[aim.metric], first.get("examples")) if aim.metric == "accuracy" else 0.0
     allowance = plan.step_allowance if plan.step_allowance is not None else noise
     plain = trainer or _trainer(replace(aim, distill=0.0), train_loader, loss_fn, None, device, progress)
+    log = {"plan": asdict(plan), "baseline": _measure(model, example, first, aim, device), "iterations": [],
+           "gave_up": [], "original_units": sum(g.size for g in pruner.groups),
+           "channels_before": {g.name: g.size for g in pruner.groups}, "skipped": pruner.skipped,
+           "noise": {"points": round(noise, 2), "examples": first.get("examples"), "step_allowance": round(allowance, 2)},
+           "seconds": dict.fromkeys(("baseline", "recovery", "prune", "fine_tune", "rolled_back", "final", "control"), 0.0)}
+    run = _Run(aim, plan, example, device, batches, reference=copy.deepcopy(model).eval(), evaluate_fn=evaluate_fn, clock=clock,
+               log_fn=log_fn, log=log)
+    score, base = run.score, log["baseline"]
     control = Control(copy.deepcopy(model), plain, score, first[aim.metric], clock) if plan.control else None
     # The teacher, when distillation is on or may be chosen (not with the caller's own trainer, which
     # distils or not by itself): the control, which gains from its epochs as the bar each step is
@@ -151,12 +238,6 @@ def prune_auto(
     may_distill = (aim.distill or plan.choose_recovery) and trainer is None
     teacher = (control.model if control else copy.deepcopy(model).requires_grad_(False).eval()) if may_distill else None
     trainer_for = lambda s: trainer or _trainer(s, train_loader, loss_fn, teacher if s.distill else None, device, progress)  # noqa: E731
-    log = {"plan": asdict(plan), "baseline": _measure(model, example, first, aim, device), "iterations": [],
-           "gave_up": [], "original_units": sum(g.size for g in pruner.groups),
-           "channels_before": {g.name: g.size for g in pruner.groups}, "skipped": pruner.skipped,
-           "noise": {"points": round(noise, 2), "examples": first.get("examples"), "step_allowance": round(allowance, 2)},
-           "seconds": dict.fromkeys(("baseline", "recovery", "prune", "fine_tune", "rolled_back", "final", "control"), 0.0)}
-    base = log["baseline"]
     bar = lambda: control.best if control else base[aim.metric]  # noqa: E731  (what a step is judged against)
     bar_name = "the control" if control else "the baseline"
     control_seconds = lambda: control.seconds if control else 0.0  # noqa: E731  (its epochs run inside the phases' time)
@@ -175,12 +256,11 @@ def prune_auto(
     setting = Setting(aim, tuple(ignore))
     if plan.choose_recovery:
         t = clock()
-        setting = _choose_recovery(model, example, setting, fixed, cut, _next_step(aim, plan, base, None, plan.first_step, batches), plan,
-                                   max(plan.recovery_margin, noise), trainer_for, score,
-                                   lambda net: _reached(net, base, reference, example, aim, batches, device), trainer is not None, log,
-                                   deadline["choose"], clock, log_fn)
+        setting = _choose_recovery(run, model, setting, fixed, cut, _next_step(aim, plan, base, None, plan.first_step, batches),
+                                   max(plan.recovery_margin, noise), trainer_for, trainer is not None, deadline["choose"])
         log["seconds"]["recovery"] = clock() - t
     aim, ignore, own_tuner = setting.schedule, list(setting.ignore), trainer_for(setting.schedule)
+    run.aim = aim
     # The pruned network's fine-tune, with the control's epochs alongside (control.py).
     fine_tuner = lambda net, n: control.follow(own_tuner(net, n), n) if control else own_tuner(net, n)  # noqa: E731
     log["schedule"] = asdict(replace(schedule, latency_batch=aim.latency_batch, normalize=aim.normalize, distill=aim.distill))
@@ -209,19 +289,19 @@ def prune_auto(
                                      deadline["steps"], clock, enough=recovered)
         control_s = control_seconds() - c1
         t2 = clock() - control_s  # the control's epochs are counted as its own
-        entry = {**_measure(model, example, evaluate_fn(model), aim, device, timing=False),  # timed in turns below
+        entry = {**run.measure(model),  # timed in turns below
                  "iteration": attempt, "asked_macs": round(wanted, 4), "removed": result.count,
                  "removed_per_group": result.removed_per_group, "channels": result.channels, "check": result.check, "curve": curve["scores"], "best_epoch": curve["best_epoch"], "epochs": curve["epochs"],
                  "fine_tune_stopped": curve["stopped"], "against": bar(),
                  "seconds": {"prune": round(t1 - t0, 1), "fine_tune": round(t2 - t1, 1), "control": round(control_s, 1)}}
-        _time_in_turns(base, entry, reference, model, example, aim, batches, device)
+        run.time_in_turns(entry, model)
         log["iterations"].append(entry)
         log["seconds"]["prune"] += t1 - t0
         log_fn(_line(entry, base, aim) + f"; {bar_name} {100 * bar():.2f}%; asked {wanted:.2f}x fewer MACs, best of "
                f"{curve['epochs']} epochs: {curve['best_epoch']}")
         verdict = decide(loose, base, entry, attempt, every=True, against=bar(), batches=batches)
         if verdict.stop and not verdict.roll_back and aim.target_speedup is not None:
-            verdict = _confirm_speed(base, entry, reference, model, example, loose, plan, attempt, batches, device, log_fn, bar())
+            verdict = run.confirm_speed(entry, model, loose, attempt, bar())
         if verdict.roll_back:
             model, entry["rejected"] = previous, True
             if control:
@@ -263,19 +343,18 @@ def prune_auto(
     if final["stopped"] == "the time budget":
         log["gave_up"].append(f"final fine-tuning: stopped by the budget after {final['epochs']} of at most {plan.final_max_epochs} epochs")
     log["final_fine_tune"] = final
-    log["final"] = _measure(model, example, evaluate_fn(model), aim, device, timing=False)
+    log["final"] = run.measure(model)
     log_fn(f"final fine-tune: {final['epochs']} epochs (best {final['best_epoch']}, stopped by {final['stopped']}), "
            f"{aim.metric} {100 * log['final'][aim.metric]:.2f}%")
     if held is not None and not within_drop(bar(), log["final"][aim.metric], limit):
-        model = _fall_back(model, held, own_tuner, score, evaluate_fn, example, aim, plan, bar(), bar_name, deadline["final"], clock,
-                           log, log_fn, device)
-    _time_in_turns(base, log["final"], reference, model, example, aim, batches, device)  # the report's speed-up, judged as the steps'
+        model = run.fall_back(model, held, own_tuner, bar(), bar_name, deadline["final"])
+    run.time_in_turns(log["final"], model)  # the report's speed-up, judged as the steps'
 
     unpruned = control.finish() if control else None
     if control:
-        log["control"] = {**_measure(unpruned, example, evaluate_fn(unpruned), aim, device, timing=False), "extra_epochs": control.epochs,
+        log["control"] = {**run.measure(unpruned), "extra_epochs": control.epochs,
                           "best_epoch": control.best_epoch, "curve": control.scores}
-        _time_in_turns(base, log["control"], reference, unpruned, example, aim, batches, device)
+        run.time_in_turns(log["control"], unpruned)
         log_fn(f"control (unpruned, {control.epochs} epochs alongside, best {control.best_epoch}): {aim.metric} "
                f"{100 * log['control'][aim.metric]:.2f}%")
     log["seconds"] = {k: round(v, 1) for k, v in log["seconds"].items()}
@@ -283,70 +362,29 @@ def prune_auto(
     return model, log, unpruned
 
 
-def _choose_recovery(model: nn.Module, example, setting: Setting, fixed: list[str], cut, wanted: float, plan: Plan, margin: float,
-                     trainer_for, score, reached, own_trainer: bool, log: dict, deadline: float | None, clock, log_fn) -> Setting:
+def _choose_recovery(run: _Run, model: nn.Module, setting: Setting, fixed: list[str], cut, wanted: float, margin: float,
+                     trainer_for, own_trainer: bool, deadline: float | None) -> Setting:
     """The recovery tools that win short trials of the first step (a `wanted` MACs reduction) on
     validation, each trial on a copy of `model` with the first step's seed (recovery.choose)."""
+    epochs, log = run.plan.trial_epochs, run.log
 
     def trial(tried: Setting) -> tuple[float, dict]:
         net = copy.deepcopy(model)
         cut(net, tried.schedule, list(tried.ignore), wanted, 1)
-        curve = fine_tune_to_plateau(net, trainer_for(tried.schedule)(net, plan.trial_epochs), lambda: score(net), plan.trial_epochs,
-                                     plan.trial_epochs + 1)
-        return max(curve["scores"]), reached(net)
+        curve = fine_tune_to_plateau(net, trainer_for(tried.schedule)(net, epochs), lambda: run.score(net), epochs, epochs + 1)
+        return max(curve["scores"]), run.reached(net)
 
-    candidates, left_out = switches(model, example, setting, fixed)
+    candidates, left_out = switches(model, run.example, setting, fixed)
     if own_trainer:  # distillation is the caller's trainer's business
         candidates = [c for c in candidates if c.tool != "distill"]
         left_out.append({"tool": "distill", "why": "a trainer was given: distillation is up to it"})
-    chosen, trials, gave_up = choose(setting, candidates, trial, margin, deadline, clock)
-    log["recovery"] = {"asked_macs": round(wanted, 4), "trial_epochs": plan.trial_epochs, "margin": margin,
+    chosen, trials, gave_up = choose(setting, candidates, trial, margin, deadline, run.clock)
+    log["recovery"] = {"asked_macs": round(wanted, 4), "trial_epochs": epochs, "margin": margin,
                        "trials": trials, "left_out": left_out, "used": chosen.used(model)}
     log["gave_up"] += gave_up
-    log_fn("recovery tools, chosen on validation by trials of the first step: "
-           + ", ".join(f"{k} {v}" for k, v in log["recovery"]["used"].items()))
+    run.log_fn("recovery tools, chosen on validation by trials of the first step: "
+               + ", ".join(f"{k} {v}" for k, v in log["recovery"]["used"].items()))
     return chosen
-
-
-def _fall_back(model: nn.Module, held: tuple[nn.Module, int], tuner, score, evaluate_fn, example, aim: Schedule, plan: Plan, bar: float,
-               bar_name: str, deadline: float | None, clock, log: dict, log_fn, device: str) -> nn.Module:
-    """The final network missed the accuracy limit after steps kept within the noise allowance: give
-    the network of the last step within the limit itself (held: it and its number) a final fine-tune
-    too (without the control: its epochs are done), and return whichever of the two scores higher on
-    validation. log["fell_back"] says what was tried and which was kept."""
-    t, (net, step) = clock(), held
-    missed = accuracy_drop(bar, log["final"][aim.metric])
-    log_fn(f"the final network is {missed:.2f} points below {bar_name} (limit {aim.max_accuracy_drop}): a final fine-tune of "
-           f"step {step}'s network, the last within the limit, to choose between the two")
-    _seed(aim, 20_000, ())
-    again = _final_fine_tune(net, tuner, lambda: score(net), plan, deadline, clock)
-    tried = _measure(net, example, evaluate_fn(net), aim, device, timing=False)
-    used = tried[aim.metric] > log["final"][aim.metric]
-    log["fell_back"] = {"step": step, "final_missed_by": round(missed, 2), "step_final_fine_tune": again, "score": tried[aim.metric],
-                        "instead_of": log["final"][aim.metric], "used": used}
-    log["seconds"]["fall_back"] = clock() - t
-    log_fn(f"step {step}'s network after its final fine-tune: {aim.metric} {100 * tried[aim.metric]:.2f}%: "
-           + ("kept in place of the final network" if used else "no better: the final network stays"))
-    if used:
-        log["final"], log["final_fine_tune"] = tried, again
-        return net
-    return model
-
-
-def _reached(net: nn.Module, base: dict, reference: nn.Module, example, aim: Schedule, batches: tuple[int, ...],
-             device: str) -> dict[str, float]:
-    """How far `net` has come towards aim's targets: {"macs", "speed", "size": factor}, the speed timed in
-    turns with the unpruned `reference` (_time_in_turns)."""
-    entry = {**profile(net, example, latency=False, device=device).as_dict(), "latency": []}  # timed below, only if needed
-    reached = {}
-    if aim.target_macs is not None:
-        reached["macs"] = base["macs"] / entry["macs"]
-    if aim.target_speedup is not None:
-        _time_in_turns(base, entry, reference, net, example, aim, batches, device)
-        reached["speed"] = least_speedup(base, entry, batches, aim.runtime)
-    if aim.target_size is not None:
-        reached["size"] = base["size_mb"] / entry["size_mb"]
-    return reached
 
 
 def _final_fine_tune(model: nn.Module, fine_tuner, score, plan: Plan, deadline: float | None, clock) -> dict:
@@ -371,21 +409,6 @@ def _final_fine_tune(model: nn.Module, fine_tuner, score, plan: Plan, deadline: 
             break
         length *= 2
     return {"scores": scores, "best_epoch": best, "epochs": epochs, "stopped": stopped}
-
-
-def _confirm_speed(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule, plan: Plan,
-                   attempt: int, batches: tuple[int, ...], device: str, log_fn, against: float) -> Verdict:
-    """The verdict once the step's speed-up is timed again, plan.confirm_rounds rounds in turns: the loop
-    stops at the first step whose timing passes the aim, so that timing is the one most likely to have
-    read high; the new rounds replace it (entry["first_speedup"] keeps it)."""
-    first = least_speedup(base, entry, batches, aim.runtime)
-    entry["first_speedup"] = entry["speedup"]
-    _time_in_turns(base, entry, reference, model, example, aim, batches, device, rounds=plan.confirm_rounds)
-    again = least_speedup(base, entry, batches, aim.runtime)
-    confirmed = decide(aim, base, entry, attempt, every=True, against=against, batches=batches)
-    log_fn(f"step {attempt}: {first:.2f}x timed again in {plan.confirm_rounds} rounds: {again:.2f}x, "
-           + ("the targets hold" if confirmed.stop else f"short of the aim {aim.target_speedup:.2f}x: pruning goes on"))
-    return confirmed
 
 
 def _time_in_turns(base: dict, entry: dict, reference: nn.Module, model: nn.Module, example, aim: Schedule,
